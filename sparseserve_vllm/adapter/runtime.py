@@ -1,0 +1,155 @@
+"""`SparseRuntime`: the per-process state shared by the SparseServe builder and every layer's impl.
+
+Contract:
+- One runtime per `VllmConfig` per process (`get_runtime`); it owns the parsed `SparseServeConfig`, the KV
+  geometry, one `SparseDecodeWrapper` whose buffers every layer reuses (layers run one after another), the page
+  metadata tensor of each layer, and the statistics counters.
+- The builder calls `decode_counts` / `filled_page_slots` / `plan_decode` once per step (host side); impls call
+  `wrapper_for` / `page_meta` / `count` from `forward`.
+- Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from vllm.logger import init_logger
+
+from sparseserve_vllm import stats
+from sparseserve_vllm.adapter.config_access import sparseserve_config
+from sparseserve_vllm.config import SparseServeConfig
+
+logger = init_logger(__name__)
+
+META_ROWS = {"quest": 2, "cuboid_mean": 2, "mean": 1}
+
+_RUNTIMES: dict[int, "SparseRuntime"] = {}
+
+
+def get_runtime(vllm_config) -> "SparseRuntime":
+    key = id(vllm_config)
+    if key not in _RUNTIMES:
+        _RUNTIMES[key] = SparseRuntime(sparseserve_config(vllm_config), vllm_config)
+    return _RUNTIMES[key]
+
+
+class SparseRuntime:
+    def __init__(self, cfg: SparseServeConfig, vllm_config) -> None:
+        self.cfg = cfg
+        self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        cfg.validate_against(block_size=None, num_layers=self.num_layers)
+        self.block_size: int | None = None
+        self.ppb = 0
+        self.wrapper = None
+        self._planned: tuple[int, int] | None = None
+        self._wanted: tuple[int, int] = (0, 0)
+        self._meta: dict[int, torch.Tensor] = {}
+        self.counters = stats.Counters()
+        self._stats_dir = stats.ensure_stats_dir()
+        threading.Thread(target=self._publish_loop, name="sparseserve-stats", daemon=True).start()
+
+    # ---- geometry and planning (builder, host side) ----
+    def bind_geometry(self, *, block_size: int, num_kv_heads: int, head_size: int) -> None:
+        self.cfg.validate_against(block_size=block_size)
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.ppb = block_size // self.cfg.page_size
+
+    def decode_counts(self, seq_lens_cpu: torch.Tensor) -> tuple[int, int, int]:
+        """(pages scored, pages selected, tokens attended) of one sparse layer-step, summed over KV heads."""
+        if seq_lens_cpu.numel() == 0:
+            return 0, 0, 0
+        ps, k = self.cfg.page_size, self.cfg.num_select_pages
+        lens = seq_lens_cpu.to(torch.long)
+        full = lens // ps
+        pages = (lens + ps - 1) // ps
+        partial = lens - full * ps
+        over = pages > k
+        selected = torch.where(over, torch.full_like(pages, k), pages)
+        attended = torch.where(over, (k - (partial > 0).long()) * ps + partial, lens)
+        h = self.num_kv_heads
+        return int(full.sum()) * h, int(selected.sum()) * h, int(attended.sum()) * h
+
+    def filled_page_slots(self, qsl_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+        """Flat page slots (every KV head) of the pages that this step's new tokens complete.
+
+        Request r writes positions [seq_len - qlen, seq_len); page p completes when its last token
+        p*page_size + page_size - 1 is among them, i.e. p in [start // page_size, seq_len // page_size).
+        Host arithmetic plus one small index copy; no device sync.
+        """
+        ps = self.cfg.page_size
+        lens = seq_lens_cpu.to(torch.long)
+        qlens = (qsl_cpu[1:] - qsl_cpu[:-1]).to(torch.long)
+        first = (lens - qlens) // ps
+        count = (lens // ps - first).clamp_min(0)
+        total = int(count.sum())
+        if total == 0:
+            return torch.empty(0, dtype=torch.long, device=block_table.device)
+        req = torch.repeat_interleave(torch.arange(lens.numel()), count)
+        offs = torch.arange(total) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        page = torch.repeat_interleave(first, count) + offs
+        req_d = req.to(block_table.device, non_blocking=True)
+        page_d = page.to(block_table.device, non_blocking=True)
+        blocks = block_table[req_d, page_d // self.ppb].to(torch.long)
+        heads = torch.arange(self.num_kv_heads, device=block_table.device)
+        flat = (blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.ppb + (page_d % self.ppb)[:, None]
+        return flat.reshape(-1)
+
+    def plan_decode(self, num_decodes: int, max_blocks: int) -> None:
+        self._wanted = (num_decodes, max_blocks * self.ppb)
+
+    def _publish_loop(self) -> None:
+        """Publish changed counters twice a second; log the summary line every `stats_interval_s`."""
+        published: dict[str, int] = {}
+        last_log = time.monotonic()
+        while True:
+            time.sleep(0.5)
+            values = dict(self.counters.values)
+            if values != published:
+                stats.publish(self.counters, self._stats_dir)
+                published = values
+            interval = self.cfg.stats_interval_s
+            if interval and time.monotonic() - last_log >= interval:
+                last_log = time.monotonic()
+                if values["decode_steps"]:
+                    logger.info("%s", stats.format_line(values))
+
+    # ---- per layer (impl.forward) ----
+    def wrapper_for(self, num_heads: int, dtype: torch.dtype, device: torch.device):
+        if self.wrapper is None:
+            from sparseserve_vllm.kernels import SparseDecodeWrapper
+
+            c = self.cfg
+            self.wrapper = SparseDecodeWrapper(
+                num_qo_heads=num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_size,
+                page_size=c.page_size,
+                ppb=self.ppb,
+                selector=c.selector,
+                token_budget=c.token_budget,
+                sink_pages=c.sink_pages,
+                recent_pages=c.recent_pages,
+                device=device,
+                dtype=dtype,
+            )
+        if self._planned != self._wanted:
+            self.wrapper.plan(*self._wanted)
+            self._planned = self._wanted
+        return self.wrapper
+
+    def page_meta(self, layer_idx: int, kv_cache: torch.Tensor) -> torch.Tensor:
+        meta = self._meta.get(layer_idx)
+        num_pages = kv_cache.shape[0] * self.num_kv_heads * self.ppb
+        if meta is None or meta.shape[0] != num_pages or meta.device != kv_cache.device:
+            rows = META_ROWS[self.cfg.selector]
+            meta = torch.zeros((num_pages, rows, self.head_size), dtype=kv_cache.dtype, device=kv_cache.device)
+            self._meta[layer_idx] = meta
+        return meta
+
+    def count(self, **amounts: int) -> None:
+        for k, v in amounts.items():
+            self.counters.add(k, v)

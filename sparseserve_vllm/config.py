@@ -1,0 +1,153 @@
+"""`SparseServeConfig`: the plugin's one typed configuration.
+
+Contract:
+- Read from vLLM's `--additional-config` JSON (or `LLM(additional_config=...)`) under the key `sparseserve`.
+  Every key is optional; an absent `sparseserve` key means all defaults.
+- An unknown key, a value of the wrong type or a value out of range raises `SparseServeConfigError`
+  (a `ValueError`) whose message names the key and the allowed values. Nothing is silently ignored.
+- Checks that need vLLM's resolved numbers (block size, head counts) live in `validate_against()`, which
+  takes plain ints so this module never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+CONFIG_KEY = "sparseserve"
+SELECTORS = ("cuboid_mean", "quest", "mean")
+
+
+class SparseServeConfigError(ValueError):
+    """A `sparseserve` setting is invalid; the message names the setting and what is allowed."""
+
+
+@dataclass(frozen=True)
+class SparseServeConfig:
+    token_budget: int = 2048
+    """Tokens each KV head attends to per decode step (sink + recent + top-scored pages)."""
+    page_size: int = 32
+    """Tokens per selectable page; must divide vLLM's KV block size."""
+    selector: str = "cuboid_mean"
+    """Page metadata and score: `cuboid_mean` (ArkVale), `quest` (min/max), `mean` (InfLLM)."""
+    sink_pages: int = 2
+    """Leading pages always attended."""
+    recent_pages: int = 2
+    """Most recent full pages always attended (the last, partly filled page is always attended too)."""
+    dense_layers: int = 0
+    """The first `dense_layers` decoder layers attend densely."""
+    offload: bool = False
+    """Keep all KV in pinned host DRAM and only a page cache in HBM."""
+    host_kv_gib: float | None = None
+    """Pinned host memory for KV with `offload` on (GiB)."""
+    hbm_cache_gib: float | None = None
+    """HBM page cache with `offload` on (GiB)."""
+    working_set_window: int = 12
+    """Decode steps whose selections form a request's working set."""
+    max_inject_tokens: int = 65536
+    """Layer-segmented prefill work per step, in token x layer units."""
+    stats_interval_s: float = 10.0
+    """Seconds between the plugin's statistics log lines (0 turns the log line off)."""
+
+    _RANGES: ClassVar[dict[str, str]] = {
+        "token_budget": "an integer >= page_size",
+        "page_size": "a power of two between 8 and 256",
+        "selector": f"one of {', '.join(SELECTORS)}",
+        "sink_pages": "an integer >= 0",
+        "recent_pages": "an integer >= 0",
+        "dense_layers": "an integer >= 0",
+        "offload": "true or false",
+        "host_kv_gib": "a number > 0 (required when offload is true)",
+        "hbm_cache_gib": "a number > 0 (required when offload is true)",
+        "working_set_window": "an integer >= 1",
+        "max_inject_tokens": "an integer >= 1",
+        "stats_interval_s": "a number >= 0",
+    }
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        p = self.page_size
+        if p < 8 or p > 256 or p & (p - 1):
+            self._fail("page_size", p)
+        if self.token_budget < p:
+            self._fail("token_budget", self.token_budget)
+        if self.selector not in SELECTORS:
+            self._fail("selector", self.selector)
+        for name in ("sink_pages", "recent_pages", "dense_layers"):
+            if getattr(self, name) < 0:
+                self._fail(name, getattr(self, name))
+        if self.sink_pages + self.recent_pages + 1 > self.num_select_pages:
+            raise SparseServeConfigError(
+                f"sparseserve: sink_pages ({self.sink_pages}) + recent_pages ({self.recent_pages}) + 1 "
+                f"(the last, partial page) must fit in token_budget // page_size = {self.num_select_pages} pages"
+            )
+        if self.working_set_window < 1:
+            self._fail("working_set_window", self.working_set_window)
+        if self.max_inject_tokens < 1:
+            self._fail("max_inject_tokens", self.max_inject_tokens)
+        if self.stats_interval_s < 0 or not math.isfinite(self.stats_interval_s):
+            self._fail("stats_interval_s", self.stats_interval_s)
+        for name in ("host_kv_gib", "hbm_cache_gib"):
+            v = getattr(self, name)
+            if v is not None and (not math.isfinite(v) or v <= 0):
+                self._fail(name, v)
+            if self.offload and v is None:
+                raise SparseServeConfigError(f"sparseserve: {name} is required when offload is true; allowed: {self._RANGES[name]}")
+            if not self.offload and v is not None:
+                raise SparseServeConfigError(f"sparseserve: {name} is only used when offload is true; set offload to true or remove {name}")
+
+    @property
+    def num_select_pages(self) -> int:
+        return self.token_budget // self.page_size
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict[str, Any] | None) -> "SparseServeConfig":
+        raw = (additional_config or {}).get(CONFIG_KEY, {})
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise SparseServeConfigError(
+                f"additional_config['{CONFIG_KEY}'] must be a JSON object of settings, got {type(raw).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SparseServeConfigError(
+                f"sparseserve: unknown setting(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(known))}"
+            )
+        return cls(**raw)
+
+    def validate_against(self, *, block_size: int | None, num_layers: int | None = None) -> None:
+        """Checks that need vLLM's resolved geometry."""
+        if block_size is not None and block_size % self.page_size:
+            raise SparseServeConfigError(
+                f"sparseserve: page_size ({self.page_size}) must divide vLLM's KV block size ({block_size}); "
+                f"allowed: a power of two <= {block_size} that divides it, or change --block-size"
+            )
+        if num_layers is not None and self.dense_layers > num_layers:
+            raise SparseServeConfigError(
+                f"sparseserve: dense_layers ({self.dense_layers}) exceeds the model's {num_layers} attention layers; "
+                f"allowed: 0..{num_layers}"
+            )
+
+    def _fail(self, name: str, value: Any) -> None:
+        raise SparseServeConfigError(f"sparseserve: invalid {name}={value!r}; allowed: {self._RANGES[name]}")
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    allowed = {
+        "int": (int,),
+        "float": (int, float),
+        "bool": (bool,),
+        "str": (str,),
+        "float | None": (int, float, type(None)),
+    }[annotation]
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        raise SparseServeConfigError(
+            f"sparseserve: {name} must be {annotation.replace(' | None', ' or null')}, got {value!r} "
+            f"({type(value).__name__}); allowed: {SparseServeConfig._RANGES.get(name, annotation)}"
+        )

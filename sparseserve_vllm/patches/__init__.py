@@ -1,0 +1,29 @@
+"""Patches of vLLM 0.26 symbols, one file per target, and their ledger.
+
+Ledger (target / why / how / remove when):
+
+1. `vllm.engine.arg_utils.EngineArgs.create_engine_config` -- `engine_args.py`
+   Why: vLLM has no hook that validates a plugin's `additional_config` in the process that parses the user's
+        arguments; without one, a bad `sparseserve` setting would surface only as "engine core failed to start"
+        from a spawned process. vLLM 0.26 also gives attention backends no config of their own (vllm#40051).
+   How: wraps the method; after vLLM builds the `VllmConfig`, parses `additional_config['sparseserve']` into
+        `SparseServeConfig` (raising its clear `ValueError`) when the SparseServe backend is selected or the key
+        is present, and checks the resolved block size.
+   Remove when: vLLM offers per-backend configuration or a plugin config-validation hook.
+
+`apply_all()` is idempotent; each patch keeps a reference to the original callable.
+"""
+
+from __future__ import annotations
+
+_applied = False
+
+
+def apply_all() -> None:
+    global _applied
+    if _applied:
+        return
+    from sparseserve_vllm.patches import engine_args
+
+    engine_args.apply()
+    _applied = True

@@ -1,0 +1,81 @@
+"""The plugin's statistics: counters kept by the worker, published to a shared folder, read anywhere.
+
+Contract:
+- `Counters` holds named monotone integer counters (`COUNTER_NAMES`) for one process.
+- `publish(counters)` writes them atomically to `$SPARSESERVE_STATS_DIR/<pid>.json`; `read_totals(dir)` sums
+  every process's file. `ensure_stats_dir()` creates the folder once in the first process and exports it in
+  the environment, so processes that vLLM spawns later (engine core, workers) publish to the same place.
+- `format_line(totals)` is the one-line summary used by the periodic log line and the README's main job.
+No vLLM import: the Prometheus bridge lives in `adapter/metrics.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ENV_DIR = "SPARSESERVE_STATS_DIR"
+
+COUNTER_NAMES = (
+    "decode_steps",          # sparse decode layer-steps (one per layer per step with decode requests)
+    "decode_queries",        # decode query rows handled by sparse attention (request x layer)
+    "pages_scored",          # (request, KV head, page) scores computed
+    "pages_selected",        # (request, KV head, page) entries attended
+    "tokens_attended",       # (request, KV head, token) entries attended by sparse decode
+    "dense_tokens",          # query tokens attended densely (prefill and dense layers)
+    "pages_summarized",      # page metadata entries written (pages that filled up)
+)
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.values = dict.fromkeys(COUNTER_NAMES, 0)
+
+    def add(self, name: str, amount: int) -> None:
+        self.values[name] += int(amount)
+
+
+def ensure_stats_dir() -> Path:
+    path = os.environ.get(ENV_DIR)
+    if not path:
+        path = tempfile.mkdtemp(prefix="sparseserve-stats-")
+        os.environ[ENV_DIR] = path
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def publish(counters: Counters, directory: Path | None = None) -> Path:
+    directory = directory or ensure_stats_dir()
+    target = directory / f"{os.getpid()}.json"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(counters.values))
+    os.replace(tmp, target)
+    return target
+
+
+def read_totals(directory: Path | str | None = None) -> dict[str, int]:
+    directory = Path(directory or os.environ.get(ENV_DIR, ""))
+    totals = dict.fromkeys(COUNTER_NAMES, 0)
+    if not directory.is_dir():
+        return totals
+    for f in directory.glob("*.json"):
+        try:
+            values = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue  # a file being replaced right now
+        for k in COUNTER_NAMES:
+            totals[k] += int(values.get(k, 0))
+    return totals
+
+
+def format_line(totals: dict[str, int]) -> str:
+    sel = totals["pages_selected"]
+    scored = totals["pages_scored"]
+    frac = f"{sel / scored:.1%}" if scored else "n/a"
+    return (
+        f"SparseServe: sparse decode layer-steps={totals['decode_steps']} queries={totals['decode_queries']} "
+        f"pages scored={scored} selected={sel} ({frac}) tokens attended={totals['tokens_attended']} "
+        f"dense tokens={totals['dense_tokens']} pages summarized={totals['pages_summarized']}"
+    )
