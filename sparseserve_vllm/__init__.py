@@ -6,7 +6,8 @@ refuses any vLLM other than 0.26.x with `UnsupportedVLLMVersion`, and then:
 - registers `sparseserve_vllm.adapter.backend.SparseServeBackend` in vLLM's `AttentionBackendEnum.CUSTOM` slot
   and makes `sparseserve` a user-facing name of that slot, so `--attention-backend sparseserve` and
   `LLM(attention_backend="sparseserve")` select it;
-- applies the patches listed in `sparseserve_vllm.patches` (each with its ledger entry).
+- applies the patches listed in `sparseserve_vllm.patches` (each with its ledger entry);
+- sets up the statistics folder and the `sparseserve_*` Prometheus collector (`adapter/metrics.py`).
 """
 
 from sparseserve_vllm.version_check import SUPPORTED_VLLM, UnsupportedVLLMVersion, check_vllm_version
@@ -38,6 +39,9 @@ def register() -> None:
     from sparseserve_vllm.stats import ensure_stats_dir
 
     ensure_stats_dir()  # before vLLM spawns its engine and workers, so they inherit the folder
+    from sparseserve_vllm.adapter.metrics import register_collector
+
+    register_collector()
 
     apply_all()
     _registered = True

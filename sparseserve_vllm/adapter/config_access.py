@@ -34,8 +34,10 @@ def validate_vllm_config(vllm_config) -> None:
             f"(LLM(attention_backend='sparseserve')) or remove the '{CONFIG_KEY}' settings"
         )
     cache = vllm_config.cache_config
-    if cache.user_specified_block_size:
-        cfg.validate_against(block_size=cache.block_size)
+    cfg.validate_against(
+        block_size=cache.block_size if cache.user_specified_block_size else None,
+        num_layers=vllm_config.model_config.get_num_layers(vllm_config.parallel_config),
+    )
     if cfg.offload:
         raise SparseServeConfigError(
             "sparseserve: offload=true is not available in this release of sparseserve-vllm "

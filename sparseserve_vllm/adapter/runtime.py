@@ -38,8 +38,6 @@ def get_runtime(vllm_config) -> "SparseRuntime":
 class SparseRuntime:
     def __init__(self, cfg: SparseServeConfig, vllm_config) -> None:
         self.cfg = cfg
-        self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        cfg.validate_against(block_size=None, num_layers=self.num_layers)
         self.block_size: int | None = None
         self.ppb = 0
         self.wrapper = None

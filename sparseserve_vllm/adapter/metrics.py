@@ -1,0 +1,42 @@
+"""Prometheus bridge: the plugin's counters on vLLM's `/metrics`, each prefixed `sparseserve_`.
+
+The counters live in vLLM's worker processes; they publish to `$SPARSESERVE_STATS_DIR` (see `stats.py`) and
+this collector, registered in every process's default `prometheus_client` registry (the one vLLM's API server
+serves), sums those files at scrape time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily
+
+from sparseserve_vllm.stats import COUNTER_NAMES, read_totals
+
+_HELP = {
+    "decode_steps": "Sparse decode layer-steps run by SparseServe",
+    "decode_queries": "Decode query rows attended sparsely (request x layer)",
+    "pages_scored": "KV pages scored for selection (request x layer x KV head x page)",
+    "pages_selected": "KV pages attended by sparse decode (request x layer x KV head x page)",
+    "tokens_attended": "Tokens attended by sparse decode (request x layer x KV head x token)",
+    "dense_tokens": "Query tokens attended densely (prefill and dense layers, x layer)",
+    "pages_summarized": "Page metadata entries written (layer x KV head x page)",
+}
+
+
+class SparseServeCollector:
+    def collect(self):
+        totals = read_totals()
+        for name in COUNTER_NAMES:
+            family = CounterMetricFamily(f"sparseserve_{name}", _HELP[name])
+            family.add_metric([], totals[name])
+            yield family
+
+
+_registered = False
+
+
+def register_collector() -> None:
+    global _registered
+    if not _registered:
+        REGISTRY.register(SparseServeCollector())
+        _registered = True

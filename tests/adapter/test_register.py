@@ -1,0 +1,68 @@
+"""The general plugin against real vLLM 0.26: registration, the `sparseserve` name, config validation at startup."""
+
+import importlib.metadata as md
+
+import pytest
+import vllm
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+import sparseserve_vllm
+from sparseserve_vllm.config import SparseServeConfigError
+from sparseserve_vllm.version_check import UnsupportedVLLMVersion
+
+
+def test_entry_points_are_installed():
+    general = {e.name: e.value for e in md.entry_points(group="vllm.general_plugins")}
+    platform = {e.name: e.value for e in md.entry_points(group="vllm.platform_plugins")}
+    assert general["sparseserve"] == "sparseserve_vllm:register"
+    assert platform["sparseserve_cpu"] == "sparseserve_vllm.platform:cpu_platform_plugin"
+
+
+def test_register_is_idempotent_and_names_the_custom_slot():
+    sparseserve_vllm.register()
+    sparseserve_vllm.register()
+    assert AttentionBackendEnum["SPARSESERVE"] is AttentionBackendEnum.CUSTOM
+    assert AttentionBackendEnum.CUSTOM.get_path() == sparseserve_vllm.BACKEND_PATH
+    from vllm.platforms import current_platform
+
+    assert type(current_platform).__name__ == "SparseServeCpuPlatform"
+    assert current_platform.is_cpu()
+
+
+def test_wrong_vllm_version_is_refused(monkeypatch):
+    monkeypatch.setattr(sparseserve_vllm, "_registered", False)
+    monkeypatch.setattr(vllm, "__version__", "0.27.1")
+    with pytest.raises(UnsupportedVLLMVersion, match=r"supports vLLM 0\.26\.x only.*vLLM 0\.27\.1 is installed"):
+        sparseserve_vllm.register()
+
+
+def config_for(model, **kw):
+    args = dict(model=model, attention_backend="sparseserve", dtype="float32", max_model_len=2048)
+    args.update(kw)
+    return EngineArgs(**args).create_engine_config()
+
+
+def test_engine_config_selects_the_backend_by_name(tiny_model):
+    cfg = config_for(tiny_model(), additional_config={"sparseserve": {"token_budget": 1024}})
+    assert cfg.attention_config.backend == AttentionBackendEnum.CUSTOM
+
+
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({"token_budgte": 1}, "unknown setting.*'token_budgte'.*allowed"),
+        ({"selector": "best"}, "selector.*cuboid_mean, quest, mean"),
+        ({"page_size": 256}, r"page_size \(256\) must divide vLLM's KV block size \(128\)"),
+        ({"dense_layers": 3}, r"dense_layers \(3\).*0..2"),
+    ],
+)
+def test_bad_settings_stop_startup_in_the_users_process(tiny_model, section, match):
+    kw = {"block_size": 128} if "page_size" in section else {}
+    with pytest.raises(SparseServeConfigError, match=match):
+        config_for(tiny_model(), additional_config={"sparseserve": section}, **kw)
+
+
+def test_settings_without_the_backend_are_refused(tiny_model):
+    with pytest.raises(SparseServeConfigError, match="--attention-backend sparseserve"):
+        config_for(tiny_model(), attention_backend=None, additional_config={"sparseserve": {}})

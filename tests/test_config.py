@@ -1,0 +1,69 @@
+import pytest
+
+from sparseserve_vllm.config import SparseServeConfig, SparseServeConfigError
+
+
+def parse(**kw):
+    return SparseServeConfig.from_additional_config({"sparseserve": kw})
+
+
+def test_defaults_and_absent_key():
+    cfg = SparseServeConfig.from_additional_config({})
+    assert cfg.token_budget == 2048 and cfg.selector == "cuboid_mean" and cfg.working_set_window == 12
+    assert cfg.num_select_pages == 2048 // cfg.page_size
+    assert SparseServeConfig.from_additional_config(None) == cfg
+
+
+def test_all_keys_accepted():
+    cfg = parse(token_budget=1024, page_size=16, selector="quest", sink_pages=1, recent_pages=3, dense_layers=2,
+                offload=True, host_kv_gib=8, hbm_cache_gib=2.5, working_set_window=4, max_inject_tokens=4096,
+                stats_interval_s=0)
+    assert cfg.page_size == 16 and cfg.offload and cfg.hbm_cache_gib == 2.5
+
+
+@pytest.mark.parametrize(
+    "kw, names",
+    [
+        ({"budget": 100}, ["'budget'", "token_budget"]),
+        ({"token_budget": 8}, ["token_budget", ">= page_size"]),
+        ({"token_budget": "2k"}, ["token_budget", "int"]),
+        ({"token_budget": 2048.0}, ["token_budget", "int"]),
+        ({"page_size": 24}, ["page_size", "power of two"]),
+        ({"page_size": 512}, ["page_size", "power of two"]),
+        ({"page_size": 4}, ["page_size"]),
+        ({"selector": "topk"}, ["selector", "cuboid_mean", "quest", "mean"]),
+        ({"sink_pages": -1}, ["sink_pages", ">= 0"]),
+        ({"recent_pages": -2}, ["recent_pages", ">= 0"]),
+        ({"dense_layers": -1}, ["dense_layers", ">= 0"]),
+        ({"sink_pages": 40, "recent_pages": 30}, ["sink_pages", "recent_pages", "64 pages"]),
+        ({"offload": "yes"}, ["offload", "bool"]),
+        ({"offload": True}, ["host_kv_gib", "required"]),
+        ({"offload": True, "host_kv_gib": 4}, ["hbm_cache_gib", "required"]),
+        ({"offload": True, "host_kv_gib": -4, "hbm_cache_gib": 1}, ["host_kv_gib", "> 0"]),
+        ({"offload": True, "host_kv_gib": 4, "hbm_cache_gib": 0}, ["hbm_cache_gib", "> 0"]),
+        ({"hbm_cache_gib": 1.0}, ["hbm_cache_gib", "offload"]),
+        ({"working_set_window": 0}, ["working_set_window", ">= 1"]),
+        ({"max_inject_tokens": 0}, ["max_inject_tokens", ">= 1"]),
+        ({"stats_interval_s": -1}, ["stats_interval_s", ">= 0"]),
+        ({"selector": None}, ["selector", "str"]),
+    ],
+)
+def test_invalid_values_name_the_setting_and_what_is_allowed(kw, names):
+    with pytest.raises(SparseServeConfigError) as e:
+        parse(**kw)
+    for n in names:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_section_must_be_an_object():
+    with pytest.raises(SparseServeConfigError, match="JSON object"):
+        SparseServeConfig.from_additional_config({"sparseserve": [1, 2]})
+
+
+def test_geometry_checks():
+    cfg = parse(page_size=64)
+    cfg.validate_against(block_size=128, num_layers=4)
+    with pytest.raises(SparseServeConfigError, match="page_size .*64.* block size .*16"):
+        cfg.validate_against(block_size=16)
+    with pytest.raises(SparseServeConfigError, match="dense_layers .*0..4"):
+        parse(dense_layers=5).validate_against(block_size=None, num_layers=4)
