@@ -64,16 +64,18 @@ def smollm2_dir() -> Path:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
         # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained; its weights are already
         # dequantized, so write them and a config without the quantization entry directly.
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
-        save_model(model, str(out / "model.safetensors"))
+        tied = model.config.tie_word_embeddings
+        weights = {k: v.contiguous().clone() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["torch_dtype"] = "float32"
         type(model.config).from_dict(config).save_pretrained(out)
         tok.save_pretrained(out)
 
-    return _publish(build, cache_root() / "smollm2-135m-instruct")
+    return _publish(build, cache_root() / "smollm2-135m-instruct-v2")
 
 
 def _train_tokenizer(out: Path, vocab_size: int) -> None:

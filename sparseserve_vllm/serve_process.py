@@ -38,6 +38,7 @@ class VllmServer:
             raise RuntimeError("the `vllm` command was not found next to this Python or on PATH")
         self.cmd = [exe, "serve", model, "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
         self.env = {**os.environ, **(env or {})}
+        self.env.pop("TRITON_INTERPRET", None)  # a test process may set it for its kernels; vLLM must not see it
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
 

@@ -1,9 +1,9 @@
 """The plugin's statistics: counters kept by the worker, published to a shared folder, read anywhere.
 
 Contract:
-- `Counters` holds named monotone integer counters (`COUNTER_NAMES`) for one process.
+- `Counters` holds one process's monotone counters (`COUNTER_NAMES`) and gauges (`GAUGE_NAMES`), as ints.
 - `publish(counters)` writes them atomically to `$SPARSESERVE_STATS_DIR/<pid>.json`; `read_totals(dir)` sums
-  every process's file. `ensure_stats_dir()` creates the folder once in the first process and exports it in
+  every process's file (gauges only of processes still alive). `ensure_stats_dir()` creates the folder once in the first process and exports it in
   the environment, so processes that vLLM spawns later (engine core, workers) publish to the same place.
 - `format_line(totals)` is the one-line summary used by the periodic log line and the README's main job.
 No vLLM import: the Prometheus bridge lives in `adapter/metrics.py`.
@@ -26,12 +26,22 @@ COUNTER_NAMES = (
     "tokens_attended",       # (request, KV head, token) entries attended by sparse decode
     "dense_tokens",          # query tokens attended densely (prefill and dense layers)
     "pages_summarized",      # page metadata entries written (pages that filled up)
+    "hbm_hits",              # offload: selected pages found in the HBM page cache
+    "hbm_misses",            # offload: pages loaded from host DRAM into the HBM cache (FlashH2D)
+    "hbm_evictions",         # offload: pages evicted from the HBM cache
+    "bytes_h2d",             # offload: bytes loaded host -> HBM (cache misses and prefill context)
+    "bytes_d2h",             # offload: bytes saved HBM -> host (FlashD2H)
 )
+GAUGE_NAMES = (
+    "hbm_pages_in_use",      # offload: HBM cache slots holding a page
+    "host_blocks_in_use",    # offload: logical (host DRAM) KV blocks allocated to requests
+)
+NAMES = COUNTER_NAMES + GAUGE_NAMES
 
 
 class Counters:
     def __init__(self) -> None:
-        self.values = dict.fromkeys(COUNTER_NAMES, 0)
+        self.values = dict.fromkeys(NAMES, 0)
 
     def add(self, name: str, amount: int) -> None:
         self.values[name] += int(amount)
@@ -57,7 +67,7 @@ def publish(counters: Counters, directory: Path | None = None) -> Path:
 
 def read_totals(directory: Path | str | None = None) -> dict[str, int]:
     directory = Path(directory or os.environ.get(ENV_DIR, ""))
-    totals = dict.fromkeys(COUNTER_NAMES, 0)
+    totals = dict.fromkeys(NAMES, 0)
     if not directory.is_dir():
         return totals
     for f in directory.glob("*.json"):
@@ -65,9 +75,21 @@ def read_totals(directory: Path | str | None = None) -> dict[str, int]:
             values = json.loads(f.read_text())
         except (OSError, ValueError):
             continue  # a file being replaced right now
-        for k in COUNTER_NAMES:
+        # Counters of finished processes still count; their gauges (current occupancy) no longer hold.
+        names = NAMES if _alive(f.stem) else COUNTER_NAMES
+        for k in names:
             totals[k] += int(values.get(k, 0))
     return totals
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def format_line(totals: dict[str, int]) -> str:
@@ -78,4 +100,10 @@ def format_line(totals: dict[str, int]) -> str:
         f"SparseServe: sparse decode layer-steps={totals['decode_steps']} queries={totals['decode_queries']} "
         f"pages scored={scored} selected={sel} ({frac}) tokens attended={totals['tokens_attended']} "
         f"dense tokens={totals['dense_tokens']} pages summarized={totals['pages_summarized']}"
+        + (
+            f" | HBM cache hits={totals['hbm_hits']} misses={totals['hbm_misses']} pages in use={totals['hbm_pages_in_use']}"
+            f" H2D={totals['bytes_h2d'] / 2**20:.1f} MiB D2H={totals['bytes_d2h'] / 2**20:.1f} MiB"
+            f" host blocks in use={totals['host_blocks_in_use']}"
+            if totals["bytes_d2h"] else ""
+        )
     )

@@ -7,6 +7,12 @@ import gc
 import os
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported (vLLM imports it), so kernel tests on a machine without a
+# GPU need it set before anything else; `engine()` and `VllmServer` keep it away from vLLM's own processes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Small KV pools and quiet logs for every engine the tests start (inherited by vLLM's spawned processes).
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -43,7 +49,13 @@ def engine(model: str, backend: str | None, sparseserve: dict | None = None, **k
     args.update(kw)
     if sparseserve is not None:
         args["additional_config"] = {"sparseserve": sparseserve}
-    llm = LLM(model=model, attention_backend=backend, **args)
+    # tests/kernels sets TRITON_INTERPRET=1 for this process; vLLM's engine processes must not inherit it.
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        llm = LLM(model=model, attention_backend=backend, **args)
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     try:
         yield llm
     finally:

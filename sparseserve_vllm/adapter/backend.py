@@ -120,6 +120,7 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
             block_size=kv_cache_spec.block_size,
             num_kv_heads=kv_cache_spec.num_kv_heads,
             head_size=kv_cache_spec.head_size,
+            num_layers=len(layer_names),
         )
         self._fa_builder = None
         if device.type == "cuda":

@@ -38,8 +38,7 @@ def validate_vllm_config(vllm_config) -> None:
         block_size=cache.block_size if cache.user_specified_block_size else None,
         num_layers=vllm_config.model_config.get_num_layers(vllm_config.parallel_config),
     )
-    if cfg.offload:
+    if cfg.offload and vllm_config.parallel_config.world_size > 1:
         raise SparseServeConfigError(
-            "sparseserve: offload=true is not available in this release of sparseserve-vllm "
-            "(the hierarchical KV tier is not built yet); allowed: false"
+            "sparseserve: offload=true runs on one GPU (tensor/pipeline parallel size 1) in this release"
         )

@@ -7,6 +7,10 @@ Contract of `forward(layer, query, key, value, kv_cache, attn_metadata, output)`
    (plus sink, recent and the last partial page) and attend to those only (`kernels.SparseDecodeWrapper`);
 4. prefill rows, and every row of the first `dense_layers` layers: exact dense causal attention
    (vLLM's FlashAttention on CUDA, `kernels.paged_dense_torch` on CPU).
+With `offload` on, `kv_cache` is the HBM page pool that every layer shares and the runtime's `OffloadTier` holds
+the KV: step 1 saves the new tokens to host DRAM (FlashD2H) and writes them through into cached pages, step 3
+resolves the selected pages to cache slots (misses loaded by FlashH2D) before attending, and dense rows gather
+their request's context of this layer from host DRAM into a scratch buffer.
 `attn_metadata is None` (profiling / warm-up runs) only zero-fills `output`.
 """
 
@@ -19,7 +23,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from sparseserve_vllm.adapter.runtime import get_runtime
 from sparseserve_vllm.kernels import build_page_metadata
-from sparseserve_vllm.kernels.paged_dense_torch import paged_causal_attention, write_kv
+from sparseserve_vllm.kernels.paged_dense_torch import causal_attention, paged_causal_attention, write_kv
 
 
 class SparseServeImpl(AttentionImpl):
@@ -51,6 +55,8 @@ class SparseServeImpl(AttentionImpl):
             )
         if attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"The sparseserve attention backend supports decoder attention only, not {attn_type}")
+        if kv_sharing_target_layer_name is not None:
+            raise NotImplementedError("The sparseserve attention backend does not support KV sharing between layers")
         if kv_cache_dtype not in ("auto", "float16", "bfloat16"):
             raise NotImplementedError(
                 f"The sparseserve attention backend does not support kv_cache_dtype={kv_cache_dtype!r}; allowed: auto, float16, bfloat16"
@@ -61,7 +67,6 @@ class SparseServeImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
-        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.runtime = get_runtime(get_current_vllm_config())
         self._fa = None  # vLLM's FlashAttentionImpl for dense rows on CUDA, made on first CUDA forward
         self._fa_args = (num_heads, head_size, scale, num_kv_heads, None, None, kv_cache_dtype)
@@ -83,13 +88,13 @@ class SparseServeImpl(AttentionImpl):
         rt = self.runtime
         if self._layer_idx is None:
             self._layer_idx = extract_layer_index(layer.layer_name)
+        if rt.cfg.offload:
+            return self._forward_offload(layer, query, key, value, kv_cache, md, output)
         n = md.num_actual_tokens
-        on_cuda = kv_cache.is_cuda
-        if self.kv_sharing_target_layer_name is None:
-            if on_cuda:
-                self._dense_gpu().do_kv_cache_update(layer, key, value, kv_cache, md.slot_mapping)
-            else:
-                write_kv(kv_cache, key, value, md.slot_mapping)
+        if kv_cache.is_cuda:
+            self._dense_gpu().do_kv_cache_update(layer, key, value, kv_cache, md.slot_mapping)
+        else:
+            write_kv(kv_cache, key, value, md.slot_mapping)
         kv_pages = kv_cache.view(-1, rt.cfg.page_size, kv_cache.shape[-1])
         meta = rt.page_meta(self._layer_idx, kv_cache)
         if md.summarize_slots.numel():
@@ -117,6 +122,71 @@ class SparseServeImpl(AttentionImpl):
             self._dense(layer, query, key, value, kv_cache, md, q, out, md.num_decode_tokens, n, whole=False)
             rt.count(dense_tokens=n - md.num_decode_tokens)
         return output
+
+    def _forward_offload(self, layer, query, key, value, kv_cache, md, output):
+        rt, li, n = self.runtime, self._layer_idx, md.num_actual_tokens
+        tier = rt.tier_for(kv_cache)
+        tier.begin_layer()
+        slot_mapping = md.slot_mapping[:n]
+        tier.save(li, key, value, slot_mapping)
+        tier.write_new(li, key, value, slot_mapping)
+        meta = rt.page_meta(li, kv_cache)
+        if md.summarize_slots.numel():
+            cached = tier.resolve(li, md.summarize_slots).to(torch.long)
+            fresh = torch.empty((cached.numel(),) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
+            idx = torch.arange(cached.numel(), device=meta.device)
+            build_page_metadata(tier.cache_pages[cached], fresh, idx, selector=rt.cfg.selector)
+            meta[md.summarize_slots] = fresh
+            rt.count(pages_summarized=md.summarize_slots.numel())
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        if li < rt.cfg.dense_layers:
+            self._dense_from_host(tier, q, key, value, out, md.query_start_loc_cpu, md.seq_lens_cpu, md.block_table, 0)
+            rt.count(dense_tokens=n)
+            return output
+        nd = md.num_decodes
+        if nd:
+            def to_cache_slots(slots, lens):
+                flat = torch.where(lens > 0, slots, -1).reshape(-1)
+                return tier.resolve(li, flat).view(slots.shape).clamp_min(0)
+
+            wrapper = rt.wrapper_for(self.num_heads, q.dtype, q.device)
+            wrapper.run(q[:nd], tier.cache_pages, meta, md.decode_block_table, md.decode_seq_lens, self.scale,
+                        out[:nd], translate=to_cache_slots)
+            rt.count(decode_steps=1, decode_queries=nd, pages_scored=md.pages_scored,
+                     pages_selected=md.pages_selected, tokens_attended=md.tokens_attended)
+        if md.num_prefills:
+            self._dense_from_host(tier, q, key, value, out, md.prefill_query_start_loc_cpu, md.prefill_seq_lens_cpu,
+                                  md.prefill_block_table, md.num_decode_tokens)
+            rt.count(dense_tokens=n - md.num_decode_tokens)
+        return output
+
+    def _dense_from_host(self, tier, q, key, value, out, query_start_loc, seq_lens, block_table, offset: int) -> None:
+        """Dense causal attention of the rows `offset + query_start_loc[r] ..`, context gathered from host DRAM."""
+        bs = tier.host.block_size
+        qsl = [int(x) + offset for x in query_start_loc]
+        for r, length in enumerate(int(x) for x in seq_lens):
+            a, b = qsl[r], qsl[r + 1]
+            if a == b:
+                continue
+            k, v = tier.gather_context(self._layer_idx, block_table[r, : -(-length // bs)], length, key[a:b], value[a:b])
+            out[a:b] = self._attend_context(q[a:b], k, v)
+
+    def _attend_context(self, q, k, v):
+        """Causal attention of `q [qlen, Hq, D]` (the last qlen positions) over a contiguous context `k, v [Hkv, L, D]`:
+        vLLM's FlashAttention varlen kernel on CUDA (bottom-right causal alignment), torch on CPU."""
+        if not q.is_cuda:
+            return causal_attention(q, k, v, self.scale)
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+
+        qlen, length = q.shape[0], k.shape[1]
+        cu_q = torch.tensor([0, qlen], dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor([0, length], dtype=torch.int32, device=q.device)
+        return flash_attn_varlen_func(
+            q=q, k=k.transpose(0, 1).contiguous(), v=v.transpose(0, 1).contiguous(), max_seqlen_q=qlen,
+            cu_seqlens_q=cu_q, max_seqlen_k=length, cu_seqlens_k=cu_k, softmax_scale=self.scale, causal=True,
+            fa_version=get_flash_attn_version(),
+        )
 
     def _dense(self, layer, query, key, value, kv_cache, md, q, out, start, end, *, whole: bool) -> None:
         if kv_cache.is_cuda:

@@ -8,9 +8,9 @@ serves), sums those files at scrape time.
 from __future__ import annotations
 
 from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from sparseserve_vllm.stats import COUNTER_NAMES, read_totals
+from sparseserve_vllm.stats import COUNTER_NAMES, GAUGE_NAMES, read_totals
 
 _HELP = {
     "decode_steps": "Sparse decode layer-steps run by SparseServe",
@@ -20,6 +20,13 @@ _HELP = {
     "tokens_attended": "Tokens attended by sparse decode (request x layer x KV head x token)",
     "dense_tokens": "Query tokens attended densely (prefill and dense layers, x layer)",
     "pages_summarized": "Page metadata entries written (layer x KV head x page)",
+    "hbm_hits": "Selected pages found in the HBM page cache",
+    "hbm_misses": "Pages loaded from host DRAM into the HBM page cache",
+    "hbm_evictions": "Pages evicted from the HBM page cache",
+    "bytes_h2d": "Bytes loaded from host DRAM to HBM",
+    "bytes_d2h": "Bytes saved from HBM to host DRAM",
+    "hbm_pages_in_use": "HBM page cache slots holding a page",
+    "host_blocks_in_use": "Logical KV blocks (host DRAM tier) allocated to requests",
 }
 
 
@@ -28,6 +35,10 @@ class SparseServeCollector:
         totals = read_totals()
         for name in COUNTER_NAMES:
             family = CounterMetricFamily(f"sparseserve_{name}", _HELP[name])
+            family.add_metric([], totals[name])
+            yield family
+        for name in GAUGE_NAMES:
+            family = GaugeMetricFamily(f"sparseserve_{name}", _HELP[name])
             family.add_metric([], totals[name])
             yield family
 

@@ -1,9 +1,9 @@
 """`SparseRuntime`: the per-process state shared by the SparseServe builder and every layer's impl.
 
 Contract:
-- One runtime per `VllmConfig` per process (`get_runtime`); it owns the parsed `SparseServeConfig`, the KV
-  geometry, one `SparseDecodeWrapper` whose buffers every layer reuses (layers run one after another), the page
-  metadata tensor of each layer, and the statistics counters.
+- One runtime per worker process (`get_runtime`); it owns the parsed `SparseServeConfig`, the KV geometry, one
+  `SparseDecodeWrapper` whose buffers every layer reuses (layers run one after another), the page metadata tensor
+  of each layer, the `OffloadTier` when `offload` is on, and the statistics counters.
 - The builder calls `decode_counts` / `filled_page_slots` / `plan_decode` once per step (host side); impls call
   `wrapper_for` / `page_meta` / `count` from `forward`.
 - Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line.
@@ -25,19 +25,22 @@ logger = init_logger(__name__)
 
 META_ROWS = {"quest": 2, "cuboid_mean": 2, "mean": 1}
 
-_RUNTIMES: dict[int, "SparseRuntime"] = {}
+_RUNTIME: "SparseRuntime | None" = None
 
 
 def get_runtime(vllm_config) -> "SparseRuntime":
-    key = id(vllm_config)
-    if key not in _RUNTIMES:
-        _RUNTIMES[key] = SparseRuntime(sparseserve_config(vllm_config), vllm_config)
-    return _RUNTIMES[key]
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = SparseRuntime(sparseserve_config(vllm_config), vllm_config)
+    return _RUNTIME
 
 
 class SparseRuntime:
     def __init__(self, cfg: SparseServeConfig, vllm_config) -> None:
         self.cfg = cfg
+        self.max_num_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.num_logical_blocks: int | None = None  # offload: the scheduler's block count (host tier)
+        self.tier = None
         self.block_size: int | None = None
         self.ppb = 0
         self.wrapper = None
@@ -49,8 +52,9 @@ class SparseRuntime:
         threading.Thread(target=self._publish_loop, name="sparseserve-stats", daemon=True).start()
 
     # ---- geometry and planning (builder, host side) ----
-    def bind_geometry(self, *, block_size: int, num_kv_heads: int, head_size: int) -> None:
+    def bind_geometry(self, *, block_size: int, num_kv_heads: int, head_size: int, num_layers: int) -> None:
         self.cfg.validate_against(block_size=block_size)
+        self.num_layers = num_layers
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_size = head_size
@@ -105,6 +109,8 @@ class SparseRuntime:
         last_log = time.monotonic()
         while True:
             time.sleep(0.5)
+            if self.tier is not None:
+                self.counters.values.update(self.tier.stats())
             values = dict(self.counters.values)
             if values != published:
                 stats.publish(self.counters, self._stats_dir)
@@ -139,9 +145,34 @@ class SparseRuntime:
             self._planned = self._wanted
         return self.wrapper
 
+    def set_logical_blocks(self, num_blocks: int) -> None:
+        self.num_logical_blocks = num_blocks
+
+    def tier_for(self, kv_cache: torch.Tensor):
+        """The offload tier; its HBM page pool is vLLM's KV tensor, which every layer shares in offload mode."""
+        if self.tier is None:
+            from sparseserve_vllm.core.host_kv import HostKVStore
+            from sparseserve_vllm.core.offload_tier import OffloadTier
+
+            if self.num_logical_blocks is None:
+                raise RuntimeError("sparseserve offload: the SparseServe KV connector did not report the block count")
+            host = HostKVStore(self.num_layers, self.num_logical_blocks, self.num_kv_heads, self.block_size,
+                               self.head_size, kv_cache.dtype, pin=kv_cache.is_cuda)
+            logger.info("SparseServe offload: %.2f GiB of %s host KV (%d blocks), HBM page cache of %d pages",
+                        host.nbytes / 2**30, "pinned" if host.pin else "plain", self.num_logical_blocks,
+                        kv_cache.numel() // (self.cfg.page_size * kv_cache.shape[-1]))
+            self.tier = OffloadTier(host=host, cache_pages=kv_cache.view(-1, self.cfg.page_size, kv_cache.shape[-1]),
+                                    page_size=self.cfg.page_size, max_tokens=self.max_num_batched_tokens)
+        return self.tier
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        if self.tier is not None:
+            self.tier.free_blocks(torch.tensor(block_ids, dtype=torch.long))
+
     def page_meta(self, layer_idx: int, kv_cache: torch.Tensor) -> torch.Tensor:
         meta = self._meta.get(layer_idx)
-        num_pages = kv_cache.shape[0] * self.num_kv_heads * self.ppb
+        blocks = self.num_logical_blocks if self.cfg.offload else kv_cache.shape[0]
+        num_pages = blocks * self.num_kv_heads * self.ppb
         if meta is None or meta.shape[0] != num_pages or meta.device != kv_cache.device:
             rows = META_ROWS[self.cfg.selector]
             meta = torch.zeros((num_pages, rows, self.head_size), dtype=kv_cache.dtype, device=kv_cache.device)

@@ -4,6 +4,8 @@ Layout (see docs/helper-brief.md): a layer's cache is `kv[num_blocks, Hkv, block
 V = `[..., D:]`. Slot `s` is token `s % block_size` of block `s // block_size`; slot -1 is padding.
 
 - `write_kv(kv, key, value, slot_mapping)`: stores `key/value[t]` ([T, Hkv, D]) at `slot_mapping[t]` (skipping -1).
+- `causal_attention(q, k, v, scale)`: query rows `q [qlen, Hq, D]` are the last `qlen` positions of the context
+  `k, v [Hkv, L, D]` and attend causally to it (GQA as below); returns `[qlen, Hq, D]` in q's dtype.
 - `paged_causal_attention(q, kv, block_table, query_start_loc, seq_lens, scale, out)`: for each request r, its
   query rows `q[qsl[r]:qsl[r+1]]` are the LAST `qlen` positions of its `seq_lens[r]`-token context and attend
   causally to the context (GQA: query head i reads KV head i // (Hq // Hkv)). Softmax in float32.
@@ -56,10 +58,13 @@ def paged_causal_attention(
             continue
         nblocks = -(-length // block_size)
         k, v = gather_context(kv, block_table[r, :nblocks], length)
-        qr = q[start:end].transpose(0, 1).float()  # [Hq, qlen, D]
-        pos_q = torch.arange(length - qlen, length).unsqueeze(1)
-        mask = torch.arange(length).unsqueeze(0) <= pos_q  # [qlen, length]
-        o = F.scaled_dot_product_attention(
-            qr, k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=True
-        )
-        out[start:end] = o.transpose(0, 1).to(out.dtype)
+        out[start:end] = causal_attention(q[start:end], k, v, scale)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    qlen, length = q.shape[0], k.shape[1]
+    qr = q.transpose(0, 1).float()  # [Hq, qlen, D]
+    pos_q = torch.arange(length - qlen, length, device=q.device).unsqueeze(1)
+    mask = torch.arange(length, device=q.device).unsqueeze(0) <= pos_q  # [qlen, length]
+    o = F.scaled_dot_product_attention(qr, k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1).to(q.dtype)

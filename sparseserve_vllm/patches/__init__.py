@@ -6,10 +6,18 @@ Ledger (target / why / how / remove when):
    Why: vLLM has no hook that validates a plugin's `additional_config` in the process that parses the user's
         arguments; without one, a bad `sparseserve` setting would surface only as "engine core failed to start"
         from a spawned process. vLLM 0.26 also gives attention backends no config of their own (vllm#40051).
-   How: wraps the method; after vLLM builds the `VllmConfig`, parses `additional_config['sparseserve']` into
+   How: wraps the method; before it, configures offload's KV connector and turns prefix caching off; after it
+        builds the `VllmConfig`, parses `additional_config['sparseserve']` into
         `SparseServeConfig` (raising its clear `ValueError`) when the SparseServe backend is selected or the key
         is present, and checks the resolved block size.
    Remove when: vLLM offers per-backend configuration or a plugin config-validation hook.
+
+2. `vllm.v1.engine.core.get_kv_cache_configs` -- `kv_cache_configs.py`
+   Why: with `offload`, the scheduler must allocate blocks from the host-DRAM capacity while workers allocate only
+        the HBM page cache; vLLM derives both from one number and has no hook between them.
+   How: wraps the name imported into `vllm.v1.engine.core`; sizes the configs from `host_kv_gib` and replaces the
+        per-layer tensors with one `hbm_cache_gib` tensor shared by all layers (the page pool).
+   Remove when: vLLM lets a KV connector or backend declare a logical block space larger than HBM.
 
 `apply_all()` is idempotent; each patch keeps a reference to the original callable.
 """
@@ -23,7 +31,8 @@ def apply_all() -> None:
     global _applied
     if _applied:
         return
-    from sparseserve_vllm.patches import engine_args
+    from sparseserve_vllm.patches import engine_args, kv_cache_configs
 
     engine_args.apply()
+    kv_cache_configs.apply()
     _applied = True

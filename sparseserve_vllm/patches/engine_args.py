@@ -1,7 +1,10 @@
-"""Patch: validate the `sparseserve` settings when vLLM builds its config (see the ledger in `__init__`).
+"""Patch: `EngineArgs.create_engine_config` (see the ledger in `__init__`).
 
-After the original `EngineArgs.create_engine_config` returns, `validate_vllm_config` runs in the user's own
-process, so `vllm serve` and `LLM(...)` stop with the `SparseServeConfigError` itself.
+Before the original runs: when `offload` is on, configure what offload needs from vLLM itself -- the SparseServe KV
+connector (the scheduler-to-worker channel) and no prefix caching (vLLM copies cached blocks by block id in HBM,
+which offload's logical block ids do not address); each change is logged, and a conflicting explicit user
+setting is an error. After it returns: `validate_vllm_config` checks every `sparseserve` setting in the user's
+own process, so `vllm serve` and `LLM(...)` stop with the `SparseServeConfigError` itself.
 """
 
 from __future__ import annotations
@@ -9,10 +12,44 @@ from __future__ import annotations
 import functools
 
 from vllm.engine.arg_utils import EngineArgs
+from vllm.logger import init_logger
 
 from sparseserve_vllm.adapter.config_access import validate_vllm_config
+from sparseserve_vllm.config import CONFIG_KEY, SparseServeConfig, SparseServeConfigError
 
+logger = init_logger(__name__)
 _ORIGINAL = EngineArgs.create_engine_config
+
+CONNECTOR = {
+    "kv_connector": "SparseServeConnector",
+    "kv_connector_module_path": "sparseserve_vllm.adapter.connector",
+    "kv_role": "kv_both",
+}
+
+
+def prepare_offload(args: EngineArgs) -> None:
+    additional = args.additional_config if isinstance(args.additional_config, dict) else {}
+    if CONFIG_KEY not in additional or not SparseServeConfig.from_additional_config(additional).offload:
+        return
+    from vllm.config import KVTransferConfig
+
+    if args.kv_transfer_config is not None and args.kv_transfer_config.kv_connector != CONNECTOR["kv_connector"]:
+        raise SparseServeConfigError(
+            f"sparseserve: offload=true uses its own KV connector, but --kv-transfer-config selects "
+            f"{args.kv_transfer_config.kv_connector}; remove --kv-transfer-config or set offload to false"
+        )
+    if getattr(args, "kv_offloading_size", None):
+        raise SparseServeConfigError(
+            "sparseserve: offload=true replaces vLLM's --kv-offloading-size; use one of the two"
+        )
+    args.kv_transfer_config = KVTransferConfig(**CONNECTOR)
+    if args.enable_prefix_caching:
+        raise SparseServeConfigError(
+            "sparseserve: offload=true does not support prefix caching yet; remove --enable-prefix-caching"
+        )
+    if args.enable_prefix_caching is None:
+        logger.info("SparseServe offload: prefix caching is turned off (not supported with offload yet)")
+    args.enable_prefix_caching = False
 
 
 def apply() -> None:
@@ -21,6 +58,7 @@ def apply() -> None:
 
     @functools.wraps(_ORIGINAL)
     def create_engine_config(self, *args, **kwargs):
+        prepare_offload(self)
         vllm_config = _ORIGINAL(self, *args, **kwargs)
         validate_vllm_config(vllm_config)
         return vllm_config

@@ -1,0 +1,83 @@
+"""`SparseServeConnector`: the KV-connector channel between vLLM's scheduler and SparseServe's workers (offload).
+
+vLLM has no other per-step channel from the scheduler to an attention backend; SparseServe uses this one when
+`offload` is on (the plugin configures it itself, see `patches/engine_args.py`). It moves no KV by itself:
+- scheduler side: `request_finished` collects the block ids of finished and aborted requests; each step's
+  `SparseServeConnectorMetadata` carries them to the workers; `bind_gpu_block_pool` gives the logical (host)
+  block pool, whose usage is published as host pages in use;
+- worker side: hands the logical block count (`kv_cache_config.num_blocks`) to the worker's runtime, frees the
+  finished requests' HBM cache slots at the start of each step, and flushes pending host saves after the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from sparseserve_vllm import stats
+
+
+@dataclass
+class SparseServeConnectorMetadata(KVConnectorMetadata):
+    freed_block_ids: list[int] = field(default_factory=list)
+
+
+class SparseServeConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._freed: list[int] = []
+        self._block_pool = None
+        self._host_counters = stats.Counters()
+        self._runtime = None
+        if role == KVConnectorRole.WORKER:
+            from sparseserve_vllm.adapter.runtime import get_runtime
+
+            self._runtime = get_runtime(vllm_config)
+            if kv_cache_config is not None:
+                self._runtime.set_logical_blocks(kv_cache_config.num_blocks)
+
+    # ---------------- scheduler side ----------------
+    def bind_gpu_block_pool(self, gpu_block_pool) -> None:
+        self._block_pool = gpu_block_pool
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        return None
+
+    def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
+        self._freed.extend(block_ids)
+        return False, None
+
+    def build_connector_meta(self, scheduler_output) -> SparseServeConnectorMetadata:
+        meta = SparseServeConnectorMetadata(freed_block_ids=self._freed)
+        self._freed = []
+        if self._block_pool is not None:
+            pool = self._block_pool
+            used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is vLLM's null block
+            self._host_counters.values["host_blocks_in_use"] = max(used, 0)
+            stats.publish(self._host_counters)
+        return meta
+
+    # ---------------- worker side ----------------
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        if self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            if meta.freed_block_ids:
+                self._runtime.free_blocks(meta.freed_block_ids)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        return None

@@ -1,0 +1,299 @@
+"""FlashD2H: save each step's new KV into the host store with one contiguous copy plus CPU-thread scatter.
+
+Contract:
+- `FlashD2HSaver(host, max_tokens, num_threads, *, staging_tokens=2*max_tokens, device=None)` saves into
+  `host.kv` (a `HostKVStore`); `device` is where the new KV lives (default: the current CUDA device when the
+  host store is pinned, else the CPU). `max_tokens`: the most tokens staged as one part (a larger save is cut
+  into parts of `max_tokens`). `staging_tokens`: the capacity of the staging ring, at least `max_tokens`.
+- `save(layer, key, value, slot_mapping)`: `slot_mapping` is 1-D int32/int64 `[T]` of LOGICAL slot ids
+  `block * block_size + offset` (`-1` = padding, skipped), on `device` or on the CPU. `key`, `value` are
+  `[>= T, Hkv, D]` of the host store's dtype on `device` (rows past T are ignored, as vLLM's padded batches
+  have); or `value=None` and `key` is the packed `[>= T, Hkv, 2D]` (K then V per head). After the save is
+  complete, for every token t with `slot_mapping[t] = s >= 0`:
+  `host.kv[layer, s // block_size, h, s % block_size] == cat(key[t, h], value[t, h])` for every head h.
+  Slot ids must be unique within one save (vLLM's are); between saves the later save of a slot wins.
+- Mechanism. Each save (or each `max_tokens` part of a larger one) takes the next n rows of the staging ring:
+  1. On the caller's (compute) stream, ONE device op packs its tokens into the ring's device half
+     `[n, Hkv, 2D]` (`torch.cat` of K and V, or a copy of packed KV) and a small copy takes the slot ids.
+     Packing on the compute stream consumes the caller's tensors in stream order, so their memory (a CUDA-graph
+     pool or the caching allocator) may be reused right after `save` returns; it costs one memory-bound kernel
+     of 2x the bytes at HBM speed.
+  2. Consecutive saves are committed together as one *piece* (a contiguous run of ring rows) once they reach
+     4 MiB, when a layer repeats (a new step began), when the ring wraps, or at `flush()`: a side CUDA stream
+     waits for the packing ops only, copies the piece's rows and slot ids into the ring's pinned host half with
+     two contiguous `non_blocking` D2H copies and records an event (blocking-sync, so threads that wait for it
+     sleep instead of spinning). Batching keeps the per-layer cost of small (decode) saves to the two packing
+     ops; large (prefill) saves are committed one by one.
+  3. Worker threads (a pool of `num_threads`) wait for the event and scatter the staged rows into
+     `host.kv[layer, block, h, offset, :]` with numpy fancy-index assignment of whole `2D`-element rows, which
+     runs at memcpy speed and releases the GIL. A piece is split across up to `num_threads` tasks (at least
+     1 MiB each). A piece's tasks wait for the previous pieces holding any of its layers, and a piece holds a
+     layer at most once, so saves land in order.
+  Nothing on the compute stream ever waits for the side stream or the scatter; the forward pass only pays
+  step 1 (and step 2's few calls per piece), and a `save` blocks on the CPU only when the ring is full
+  (bounded staging): it then waits for the oldest pieces to be scattered. Size the ring for two layers of a
+  full step to keep that rare.
+  On the CPU (no CUDA) step 1 packs straight into the ring's host half and step 2 only submits the tasks.
+  `save` is host-side work and cannot be captured in a CUDA graph: call it where the forward runs eagerly
+  (vLLM's piecewise CUDA graphs leave the attention layer, which calls it, outside the graphs).
+- `flush()` (alias `wait_all()`) commits and blocks until every save is in the host store, and re-raises the
+  first error of a scatter task (e.g. a slot id beyond the store). Until then a save may still sit in the
+  ring, so call it before reading host pages saved since the last flush (FlashH2D of a page written this
+  step). `close()` flushes and stops the threads.
+- Memory: pinned host `staging_tokens * (Hkv*2D*itemsize + 8)` bytes; on CUDA the same amount of HBM.
+- Not here: the write-through of new tokens into HBM cache slots (paper Fig. 7). The attention layer needs
+  those tokens in HBM on the compute stream before its attention kernel of this very step, so it belongs to
+  the caller's KV-cache update (vLLM's `do_kv_cache_update`), which knows the slots the HBM cache gave them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from sparseserve_vllm.core.host_kv import HostKVStore
+
+__all__ = ["FlashD2HSaver"]
+
+_MIN_TASK_BYTES = 1 << 20
+_CPU = torch.device("cpu")
+_COMMIT_BYTES = 4 << 20
+
+
+class _Piece:
+    """One staged piece: ring rows [start, start + n), its scatter tasks and (on CUDA) its D2H-done event."""
+
+    __slots__ = ("start", "n", "futures", "copied")
+
+    def __init__(self, start: int, n: int, copied):
+        self.start, self.n, self.copied = start, n, copied
+        self.futures: list[Future] = []
+
+
+class FlashD2HSaver:
+    """Asynchronous saver of new KV into a `HostKVStore` (see the module docstring)."""
+
+    def __init__(
+        self,
+        host: HostKVStore,
+        max_tokens: int,
+        num_threads: int = 4,
+        *,
+        staging_tokens: int | None = None,
+        device: torch.device | str | None = None,
+    ):
+        if not isinstance(host, HostKVStore):
+            raise ValueError(f"host must be a HostKVStore, got {type(host).__name__}")
+        if staging_tokens is None and isinstance(max_tokens, int):
+            staging_tokens = 2 * max_tokens
+        for name, value in (("max_tokens", max_tokens), ("num_threads", num_threads), ("staging_tokens", staging_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if staging_tokens < max_tokens:
+            raise ValueError(f"staging_tokens ({staging_tokens}) must be >= max_tokens ({max_tokens})")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if host.pin else torch.device("cpu")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be the CPU or a CUDA device, got {device}")
+        if device.type == "cuda" and not host.pin:
+            raise ValueError("device is a GPU but the host store is not pinned: build it with pin=True")
+        self.host = host
+        self.max_tokens = max_tokens
+        self.staging_tokens = staging_tokens
+        self.num_threads = num_threads
+        self.device = device
+        self._capacity = host.num_logical_blocks * host.block_size
+        h, d2 = host.num_kv_heads, 2 * host.head_dim
+        row = np.dtype((np.void, d2 * host.kv.element_size()))
+        # numpy aliases: store [((layer * blocks + block) * Hkv + head) * block_size + offset] -> one 2D-element
+        # row; ring [token, head] -> one row
+        self._host_rows = host.kv.view(torch.uint8).numpy().view(row).reshape(-1)
+        self._heads = np.arange(h, dtype=np.int64)
+        self._kv = torch.empty((staging_tokens, h, d2), dtype=host.dtype, pin_memory=host.pin)
+        self._slots = torch.empty((staging_tokens,), dtype=torch.int64, pin_memory=host.pin)
+        self._rows = self._kv.view(torch.uint8).numpy().view(row).reshape(staging_tokens, h)
+        self._slots_np = self._slots.numpy()
+        if device.type == "cuda":
+            self._dev_kv = torch.empty((staging_tokens, h, d2), dtype=host.dtype, device=device)
+            self._dev_slots = torch.empty((staging_tokens,), dtype=torch.int64, device=device)
+            self._stream = torch.cuda.Stream(device)
+        else:
+            self._stream = None
+        self._row_bytes = h * row.itemsize  # staged bytes per token
+        self._pending: list[tuple[int, int, int]] = []  # saves staged but not committed: (first row, rows, layer)
+        self._pending_rows = 0
+        self._free_events: list = []
+        self._inflight: deque[_Piece] = deque()  # FIFO = ring order after the head
+        self._head = 0
+        self._last: dict[int, list[Future]] = {}
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="flash_d2h")
+        self._closed = False
+
+    # ------------------------------------------------------------------ API
+
+    def save(self, layer: int, key: torch.Tensor, value: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+        """Start saving the new tokens of `layer`; returns once they are queued (see the module docstring)."""
+        if self._closed:
+            raise ValueError("save() after close()")
+        host = self.host
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < host.num_layers:
+            raise ValueError(f"layer must be an integer in [0, {host.num_layers}), got {layer!r}")
+        if (not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1
+                or slot_mapping.dtype not in (torch.int32, torch.int64)):
+            raise ValueError("slot_mapping must be a 1-D int32 or int64 tensor")
+        if slot_mapping.device not in (self.device, _CPU):
+            raise ValueError(f"slot_mapping must be on {self.device} or the CPU, got {slot_mapping.device}")
+        t = slot_mapping.numel()
+        width = 2 * host.head_dim if value is None else host.head_dim
+        for name, x in (("key", key), ("value", value)):
+            if x is None:
+                continue
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1:] != (host.num_kv_heads, width) or x.shape[0] < t:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name} must be [>= {t}, {host.num_kv_heads}, {width}] (T = len(slot_mapping)), got {got}")
+            if x.dtype != host.dtype:
+                raise ValueError(f"{name} dtype must be the host store's {host.dtype}, got {x.dtype}")
+            if x.device != self.device:
+                raise ValueError(f"{name} must be on {self.device}, got {x.device}")
+        if slot_mapping.device.type == "cpu" and t and int(slot_mapping.max()) >= self._capacity:
+            raise ValueError(f"slot_mapping must be < {self._capacity} (the store's slots), got {int(slot_mapping.max())}")
+        if t <= self.max_tokens and key.shape[0] == t and (value is None or value.shape[0] == t):  # no slicing
+            self._save_piece(layer, key, value, slot_mapping)
+            return
+        for a in range(0, t, self.max_tokens):
+            b = min(t, a + self.max_tokens)
+            self._save_piece(layer, key[a:b], None if value is None else value[a:b], slot_mapping[a:b])
+
+    def flush(self) -> None:
+        """Block until every pending save is in the host store; re-raise a scatter task's error."""
+        self._commit()
+        while self._inflight:
+            self._retire(self._inflight.popleft())
+
+    wait_all = flush
+
+    def close(self) -> None:
+        """Flush, then stop the worker threads. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "FlashD2HSaver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- internals
+
+    def _retire(self, piece: _Piece) -> None:
+        """Wait until the piece is scattered (so its ring rows, host and device, are free again)."""
+        try:
+            for f in piece.futures:
+                f.result()
+        finally:
+            if piece.copied is not None:
+                self._free_events.append(piece.copied)
+
+    def _reserve(self, n: int) -> int:
+        """Start of n free ring rows, after retiring the oldest pieces that still occupy them."""
+        # Committed pieces, oldest first: those of the previous lap (all at rows >= head, in row order), then those
+        # of this lap (rows < head); the pending saves end at the head. So the pieces in the way of new rows are
+        # always a prefix of the FIFO.
+        if self._head + n > self.staging_tokens:  # wrap: the rows past the head stay unused this lap
+            self._commit()  # a piece is one contiguous run of rows
+            while self._inflight and self._inflight[0].start >= self._head:
+                self._retire(self._inflight.popleft())
+            self._head = 0
+        start, end = self._head, self._head + n
+        while self._inflight and self._inflight[0].start < end and start < self._inflight[0].start + self._inflight[0].n:
+            self._retire(self._inflight.popleft())
+        self._head = end
+        return start
+
+    def _save_piece(self, layer: int, key: torch.Tensor, value: torch.Tensor | None, slots: torch.Tensor) -> None:
+        if any(seg_layer == layer for _, _, seg_layer in self._pending):
+            self._commit()  # one layer at most once per piece, so a piece's tasks never write one slot twice
+        n = slots.numel()
+        s = self._reserve(n)
+        rows = slice(s, s + n)
+        on_gpu = self._stream is not None
+        _pack(key, value, (self._dev_kv if on_gpu else self._kv)[rows])  # step 1, on the compute stream
+        (self._dev_slots if on_gpu else self._slots)[rows].copy_(slots)
+        self._pending.append((s, n, layer))
+        self._pending_rows += n
+        if self._pending_rows * self._row_bytes >= _COMMIT_BYTES:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Turn the pending saves (ring rows [start, head)) into one piece: D2H copy, then scatter tasks."""
+        if not self._pending:
+            return
+        start, n = self._pending[0][0], self._pending_rows
+        rows = slice(start, start + n)
+        copied = None
+        if self._stream is not None:  # step 2, on the side stream
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            copied = self._free_events.pop() if self._free_events else torch.cuda.Event(blocking=True)
+            with torch.cuda.stream(self._stream):
+                self._kv[rows].copy_(self._dev_kv[rows], non_blocking=True)
+                self._slots[rows].copy_(self._dev_slots[rows], non_blocking=True)
+                copied.record(self._stream)
+        piece = _Piece(start, n, copied)
+        layers = np.repeat(np.array([seg[2] for seg in self._pending], dtype=np.int64), [seg[1] for seg in self._pending])
+        touched = {seg[2] for seg in self._pending}
+        # the previous pieces holding any of these layers land first
+        deps = list({id(f): f for layer in touched for f in self._last.get(layer, ())}.values())
+        parts = max(1, min(self.num_threads, n * self._row_bytes // _MIN_TASK_BYTES))
+        bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+        piece.futures = [
+            self._pool.submit(self._scatter, copied, layers, start, int(bounds[i]), int(bounds[i + 1]), deps)
+            for i in range(parts)
+            if bounds[i + 1] > bounds[i]
+        ]
+        for layer in touched:
+            self._last[layer] = piece.futures
+        self._inflight.append(piece)
+        self._pending = []
+        self._pending_rows = 0
+
+    def _scatter(self, copied, layers: np.ndarray, start: int, a: int, b: int, deps: list[Future]) -> None:
+        """Worker: ring rows [start + a, start + b) -> host.kv (step 3); `layers[i]` is ring row start + i's layer."""
+        if copied is not None:
+            copied.synchronize()  # sleeps (blocking-sync event) with the GIL released
+        for f in deps:
+            f.result()
+        slots = self._slots_np[start + a:start + b]
+        src = self._rows[start + a:start + b]
+        layers = layers[a:b]
+        valid = slots >= 0
+        if not valid.all():
+            keep = np.flatnonzero(valid)
+            slots, src, layers = slots[keep], src[keep], layers[keep]
+        if slots.size == 0:
+            return
+        top = int(slots.max())
+        if top >= self._capacity:
+            raise ValueError(f"slot_mapping must be < {self._capacity} (the store's slots), got {top}")
+        bs, nb = self.host.block_size, self.host.num_logical_blocks
+        block = slots // bs
+        rows = ((layers * nb + block)[:, None] * self.host.num_kv_heads + self._heads) * bs + (slots - block * bs)[:, None]
+        self._host_rows[rows.reshape(-1)] = src.reshape(-1)
+
+
+def _pack(key: torch.Tensor, value: torch.Tensor | None, out: torch.Tensor) -> None:
+    """ONE op: `out[:] = cat(key, value, -1)` (or `out[:] = key` for packed KV)."""
+    if value is None:
+        out.copy_(key)
+    else:
+        torch.cat((key, value), dim=-1, out=out)

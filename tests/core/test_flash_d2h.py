@@ -1,0 +1,162 @@
+"""FlashD2HSaver: after flush the host store equals a reference written by plain Python loops.
+
+Runs on the CPU (plain staging copy) and, where CUDA exists, with device tensors (side-stream D2H copy).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from sparseserve_vllm.core import flash_d2h
+from sparseserve_vllm.core.flash_d2h import FlashD2HSaver
+from sparseserve_vllm.core.host_kv import HostKVStore
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SENTINEL = -1024.0
+
+
+def make_store(dtype, layers=3, blocks=10, heads=2, block_size=8, d=4):
+    store = HostKVStore(layers, blocks, heads, block_size, d, dtype, DEVICE == "cuda")
+    store.kv.fill_(SENTINEL)
+    return store
+
+
+def random_slots(t, capacity, gen, pad):
+    """`t` distinct logical slots with `pad` of them replaced by -1 (padding) at random positions."""
+    slots = torch.randperm(capacity, generator=gen)[:t]
+    slots[torch.randperm(t, generator=gen)[:pad]] = -1
+    return slots
+
+
+def reference_save(ref, layer, key, value, slots, block_size):
+    """The contract, written element by element."""
+    d = key.shape[-1] if value is not None else key.shape[-1] // 2
+    for t, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        for h in range(key.shape[1]):
+            kv = key[t, h].tolist() + value[t, h].tolist() if value is not None else key[t, h].tolist()
+            for i in range(2 * d):
+                ref[layer, s // block_size, h, s % block_size, i] = kv[i]
+
+
+def delay_scatter(monkeypatch, should_wait):
+    """Hold back by 1-5 ms the scatter tasks whose first ring row r has `should_wait(r)`."""
+    scatter = FlashD2HSaver._scatter
+    rng = random.Random(0)
+
+    def delayed(self, copied, layers, start, a, b, deps):
+        if should_wait(start + a):
+            time.sleep(0.001 + 0.004 * rng.random())
+        scatter(self, copied, layers, start, a, b, deps)
+
+    monkeypatch.setattr(FlashD2HSaver, "_scatter", delayed)
+
+
+@pytest.mark.parametrize("commit_bytes", [1, 1 << 30])  # one piece per save / saves of several layers per piece
+@pytest.mark.parametrize("min_task_bytes", [1 << 20, 1])  # one scatter task per piece / several per piece
+@pytest.mark.parametrize(
+    "dtype,max_tokens,staging_tokens,num_threads",
+    [(torch.bfloat16, 64, None, 2), (torch.float32, 5, 7, 3), (torch.float16, 7, 7, 4), (torch.float32, 16, 40, 2)],
+)
+def test_overlapping_steps_match_python_reference(dtype, max_tokens, staging_tokens, num_threads, min_task_bytes,
+                                                  commit_bytes, monkeypatch):
+    monkeypatch.setattr(flash_d2h, "_MIN_TASK_BYTES", min_task_bytes)
+    monkeypatch.setattr(flash_d2h, "_COMMIT_BYTES", commit_bytes)
+    delay_scatter(monkeypatch, lambda row: row % 3 == 0)  # scatters finish out of order
+    gen = torch.Generator().manual_seed(int(max_tokens * 10 + num_threads))
+    store = make_store(dtype)
+    ref = store.kv.double().clone()
+    capacity = store.num_tokens
+    with FlashD2HSaver(store, max_tokens, num_threads, staging_tokens=staging_tokens, device=DEVICE) as saver:
+        for step in range(4):  # no flush between steps: saves of several steps and layers overlap
+            for layer in range(store.num_layers):
+                t = int(torch.randint(1, 30, (1,), generator=gen))
+                slots = random_slots(t, capacity, gen, pad=t // 4)
+                # later steps rewrite some slots of earlier steps (a freed block reused): the later save wins
+                key = torch.randn((t + 2, 2, 4), generator=gen).to(dtype)  # 2 padded rows past T are ignored
+                value = torch.randn((t + 2, 2, 4), generator=gen).to(dtype)
+                reference_save(ref, layer, key[:t], value[:t], slots, store.block_size)
+                saver.save(layer, key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE))
+        saver.flush()
+        assert torch.equal(store.kv.double(), ref)
+
+
+def test_packed_kv_and_int32_cpu_slot_mapping():
+    gen = torch.Generator().manual_seed(11)
+    store = make_store(torch.bfloat16)
+    ref = store.kv.double().clone()
+    saver = FlashD2HSaver(store, max_tokens=8, num_threads=2, device=DEVICE)
+    for layer in (2, 0):
+        slots = random_slots(20, store.num_tokens, gen, pad=3).to(torch.int32)
+        kv = torch.randn((20, 2, 8), generator=gen).to(torch.bfloat16)
+        reference_save(ref, layer, kv, None, slots, store.block_size)
+        saver.save(layer, kv.to(DEVICE), None, slots)  # slot ids may stay on the CPU
+    slots = random_slots(6, store.num_tokens, gen, pad=1)
+    key = torch.randn((6, 2, 4), generator=gen).to(torch.bfloat16)  # exactly T rows, value has one more
+    value = torch.randn((7, 2, 4), generator=gen).to(torch.bfloat16)
+    reference_save(ref, 1, key, value[:6], slots, store.block_size)
+    saver.save(1, key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE))
+    saver.wait_all()
+    assert torch.equal(store.kv.double(), ref)
+    saver.close()
+    saver.close()  # idempotent
+
+
+def test_same_slot_saved_many_times_keeps_the_last(monkeypatch):
+    """Every other save's scatter is held back; saves of one layer must still land in order."""
+    monkeypatch.setattr(flash_d2h, "_MIN_TASK_BYTES", 1)
+    delay_scatter(monkeypatch, lambda row: (row // 7) % 2 == 0)
+    store = make_store(torch.float32, layers=1)
+    with FlashD2HSaver(store, max_tokens=7, num_threads=8, staging_tokens=28, device=DEVICE) as saver:
+        slots = torch.tensor([5, 17, 40, 63, 2, 33, 9])
+        for i in range(12):
+            kv = torch.full((7, 2, 8), float(i))
+            kv[:, :, 0] = torch.arange(7, dtype=torch.float32)[:, None]
+            saver.save(0, kv.to(DEVICE), None, slots.to(DEVICE))
+        saver.flush()
+    for t, s in enumerate(slots.tolist()):
+        row = store.kv[0, s // 8, :, s % 8]
+        assert (row[:, 0] == t).all() and (row[:, 1:] == 11.0).all()
+
+
+def test_empty_and_all_padding_saves_change_nothing():
+    store = make_store(torch.float32)
+    with FlashD2HSaver(store, max_tokens=4, num_threads=1, device=DEVICE) as saver:
+        saver.save(0, torch.zeros((0, 2, 4), device=DEVICE), torch.zeros((0, 2, 4), device=DEVICE),
+                   torch.zeros(0, dtype=torch.int64, device=DEVICE))
+        saver.save(1, torch.ones((6, 2, 4), device=DEVICE), torch.ones((6, 2, 4), device=DEVICE),
+                   torch.full((6,), -1, dtype=torch.int64, device=DEVICE))
+    assert (store.kv == SENTINEL).all()
+
+
+def test_bad_arguments_name_the_argument():
+    store = make_store(torch.float32)
+    saver = FlashD2HSaver(store, max_tokens=4, num_threads=1, device=DEVICE)
+    k = torch.zeros((3, 2, 4), device=DEVICE)
+    slots = torch.tensor([0, 1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="layer"):
+        saver.save(3, k, k, slots)
+    with pytest.raises(ValueError, match="key must be"):
+        saver.save(0, torch.zeros((3, 3, 4), device=DEVICE), k, slots)
+    with pytest.raises(ValueError, match="value must be"):
+        saver.save(0, k, torch.zeros((2, 2, 4), device=DEVICE), slots)
+    with pytest.raises(ValueError, match="key dtype"):
+        saver.save(0, k.half(), k, slots)
+    with pytest.raises(ValueError, match="slot_mapping must be a 1-D"):
+        saver.save(0, k, k, slots.float())
+    with pytest.raises(ValueError, match="slot_mapping must be < 80"):
+        saver.save(0, k, k, torch.tensor([0, 80, 1]))
+    with pytest.raises(ValueError, match="max_tokens"):
+        FlashD2HSaver(store, max_tokens=0, num_threads=1)
+    with pytest.raises(ValueError, match="staging_tokens"):
+        FlashD2HSaver(store, max_tokens=8, num_threads=1, staging_tokens=7)
+    with pytest.raises(ValueError, match="host"):
+        FlashD2HSaver(store.kv, max_tokens=4, num_threads=1)
+    saver.close()
+    with pytest.raises(ValueError, match="close"):
+        saver.save(0, k, k, slots)

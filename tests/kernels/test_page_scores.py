@@ -1,0 +1,86 @@
+"""score_pages (Triton kernel and torch path) against a float64 per-head reference."""
+
+import pytest
+import torch
+
+from sparseserve_vllm.kernels import score_pages
+
+from .conftest import BACKENDS, DEVICE, make_block_table, make_meta, ref_scores
+
+CASES = [
+    # (B, Hq, Hkv, D, page_size, ppb, max_blocks, selector, dtype)
+    (3, 4, 4, 64, 16, 1, 6, "cuboid_mean", torch.float32),
+    (2, 8, 2, 64, 16, 2, 5, "quest", torch.float32),
+    (2, 16, 2, 128, 32, 1, 9, "mean", torch.bfloat16),
+    (3, 8, 1, 64, 16, 4, 3, "cuboid_mean", torch.float16),
+    (2, 16, 8, 128, 32, 2, 4, "quest", torch.bfloat16),
+    (1, 4, 2, 64, 64, 1, 80, "cuboid_mean", torch.float32),   # > 64 pages: several page blocks
+    (2, 6, 3, 96, 16, 2, 7, "quest", torch.float32),          # Hkv and D not powers of two
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[7]}-G{c[1] // c[2]}-{str(c[8])[6:]}")
+def test_scores_match_float64_reference(case, backend):
+    bsz, hq, hkv, d, page, ppb, max_blocks, selector, dtype = case
+    gen = torch.Generator().manual_seed(100 + CASES.index(case))
+    num_blocks = bsz * max_blocks + 3
+    bt = make_block_table(bsz, max_blocks, num_blocks, gen)
+    n_pages = max_blocks * ppb
+    seq = torch.randint(0, n_pages * page + 1, (bsz,), generator=gen)
+    seq[0] = n_pages * page                                   # one request fills its whole table
+    num_full = (seq // page).to(torch.int32).to(DEVICE)
+    # Block-table entries past the full pages are garbage that must never be read.
+    blocks_used = (num_full.cpu() + ppb - 1) // ppb
+    for b in range(bsz):
+        bt[b, int(blocks_used[b]):] = 10**8
+    q = torch.randn((bsz, hq, d), generator=gen).to(DEVICE, dtype)
+    meta = make_meta(num_blocks * hkv * ppb, d, selector, dtype, gen)
+    out = torch.full((bsz, hkv, n_pages), float("nan"), device=DEVICE)
+
+    score_pages(q, meta, bt, num_full, selector=selector, page_size=page, ppb=ppb, num_kv_heads=hkv, out=out,
+                backend=backend)
+
+    ref = ref_scores(q, meta, bt, num_full, selector, ppb, hkv, n_pages)
+    got = out.double().cpu()
+    assert not torch.isnan(got).any()
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fewer_columns_than_table_and_strided_q(backend):
+    gen = torch.Generator().manual_seed(7)
+    bsz, hq, hkv, d, page, ppb, max_blocks = 2, 8, 2, 64, 16, 2, 6
+    num_blocks = bsz * max_blocks
+    bt = make_block_table(bsz, max_blocks, num_blocks, gen)
+    n_pages = 7                                               # < max_blocks * ppb = 12
+    num_full = torch.tensor([7, 3], dtype=torch.int32, device=DEVICE)
+    q_big = torch.randn((bsz, hq + 3, d), generator=gen).to(DEVICE)
+    q = q_big[:, 2:2 + hq]                                    # non-contiguous head stride
+    meta = make_meta(num_blocks * hkv * ppb, d, "cuboid_mean", torch.float32, gen)
+    out = torch.full((bsz, hkv, n_pages), float("nan"), device=DEVICE)
+    score_pages(q, meta, bt, num_full, selector="cuboid_mean", page_size=page, ppb=ppb, num_kv_heads=hkv, out=out,
+                backend=backend)
+    ref = ref_scores(q, meta, bt, num_full, "cuboid_mean", ppb, hkv, n_pages)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_default_out_shape_and_bad_arguments():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn((1, 4, 64), generator=gen).to(DEVICE)
+    bt = make_block_table(1, 3, 4, gen)
+    nf = torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    meta = make_meta(4 * 2 * 2, 64, "quest", torch.float32, gen)
+    out = score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2)
+    assert out.shape == (1, 2, 6) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="selector"):
+        score_pages(q, meta, bt, nf, selector="topk", page_size=16, ppb=2, num_kv_heads=2)
+    with pytest.raises(ValueError, match="meta"):
+        score_pages(q, meta[:, :1], bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=3)
+    with pytest.raises(ValueError, match="out"):
+        score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2,
+                    out=torch.empty((1, 2, 7), device=DEVICE))
