@@ -17,15 +17,9 @@ import sys
 import time
 
 from sparseserve_vllm.models import smollm2_dir
+from sparseserve_vllm.prompts import passkey_document
 from sparseserve_vllm.serve_process import VllmServer
 from sparseserve_vllm.stats import COUNTER_NAMES, NAMES, format_line
-
-
-def passkey_document(filler: int, key: str = "68314") -> str:
-    text = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    parts = [text] * filler
-    parts.insert(filler // 3, f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    return "".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

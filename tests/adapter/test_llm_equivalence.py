@@ -4,10 +4,12 @@ Real vLLM 0.26 (CPU build), real pretrained SmolLM2-135M-Instruct, prompts of 2K
 prove that its sparse decode path (not CPU_ATTN) produced the tokens.
 """
 
+import time
+
 import pytest
 
 from sparseserve_vllm import stats
-from tests.adapter.prompts import long_prompt
+from sparseserve_vllm.prompts import long_prompt
 from tests.conftest import engine, greedy
 
 pytestmark = pytest.mark.engine
@@ -29,12 +31,11 @@ def dense_tokens(smollm2, smol_prompts):
         return greedy(llm, smol_prompts)
 
 
-def test_full_budget_equals_vllm_backend_on_smollm2(smollm2, smol_prompts, dense_tokens):
+@pytest.mark.parametrize("selector", ["cuboid_mean", "quest", "mean"])
+def test_full_budget_equals_vllm_backend_on_smollm2(smollm2, smol_prompts, dense_tokens, selector):
     before = stats.read_totals()
-    with engine(smollm2, "sparseserve", {"token_budget": 4096}, max_model_len=4096) as llm:
+    with engine(smollm2, "sparseserve", {"token_budget": 4096, "selector": selector}, max_model_len=4096) as llm:
         got = greedy(llm, smol_prompts)
-        import time
-
         time.sleep(1.2)  # the workers publish their counters twice a second
         after = stats.read_totals()
     # The reference must be a real continuation (a broken model emits one token id over and over).
@@ -45,3 +46,46 @@ def test_full_budget_equals_vllm_backend_on_smollm2(smollm2, smol_prompts, dense
     assert steps >= 30 * 11, after
     assert after["pages_scored"] > before["pages_scored"]
     assert after["tokens_attended"] - before["tokens_attended"] >= 3 * 3 * 30 * 11 * 2048
+
+
+OFFLOAD = {"token_budget": 4096, "offload": True, "host_kv_gib": 1.0, "hbm_cache_gib": 0.015}
+
+
+def test_offload_with_a_small_hbm_cache_equals_dense_and_frees_every_page(smollm2, smol_prompts, dense_tokens):
+    """All KV in host DRAM and an HBM page cache of 15 MiB (about 1.5 of SmolLM2's 30 layers of this batch): pages are
+    evicted and loaded on every step, the three requests still decode together, and the tokens equal dense."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    before = stats.read_totals()
+    with engine(smollm2, "sparseserve", OFFLOAD, max_model_len=4096) as llm:
+        got = greedy(llm, smol_prompts)
+        time.sleep(1.2)
+        done = stats.read_totals()
+        # An aborted request gives its pages back too.
+        eng = llm.llm_engine
+        eng.add_request("aborted", TokensPrompt(prompt_token_ids=smol_prompts[0]),
+                        SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+        for _ in range(4):
+            eng.step()
+        time.sleep(1.2)
+        mid = stats.read_totals()
+        eng.abort_request(["aborted"])
+        while eng.has_unfinished_requests():
+            eng.step()
+        eng.step()  # the step that tells the workers which requests ended
+        time.sleep(1.2)
+        after_abort = stats.read_totals()
+    assert got == dense_tokens
+    delta = {k: done[k] - before[k] for k in stats.COUNTER_NAMES}
+    steps = delta["decode_steps"]
+    assert delta["decode_queries"] >= 2.5 * steps, "the three requests must decode in the same steps"
+    # Evictions on every decode layer-step, and the running KV (3 x ~2.2K tokens x 30 layers) is >= 4x the cache.
+    assert delta["hbm_evictions"] >= steps and delta["hbm_misses"] > 0 and delta["bytes_h2d"] > 0
+    kv_bytes = sum(len(p) for p in smol_prompts) * 30 * 3 * 64 * 2 * 4
+    assert kv_bytes >= 4 * OFFLOAD["hbm_cache_gib"] * 2**30
+    assert delta["bytes_d2h"] >= kv_bytes
+    # Finished and aborted requests give back every HBM page and every host block.
+    assert done["hbm_pages_in_use"] == 0 and done["host_blocks_in_use"] == 0, done
+    assert mid["hbm_pages_in_use"] > 0 and mid["host_blocks_in_use"] > 0, mid
+    assert after_abort["hbm_pages_in_use"] == 0 and after_abort["host_blocks_in_use"] == 0, after_abort

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from sparseserve_vllm.serve_process import VllmServer
-from tests.adapter.prompts import long_prompt
+from sparseserve_vllm.prompts import long_prompt
 
 pytestmark = pytest.mark.engine
 

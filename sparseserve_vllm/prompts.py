@@ -1,4 +1,7 @@
-"""Long test prompts built from a seed (no data set download): records a model can read and continue."""
+"""Long prompts built from a seed, no data set download: records to continue, and pass-key retrieval documents.
+
+Used by the demo, the tests and the accuracy benchmarks.
+"""
 
 import random
 
@@ -21,17 +24,22 @@ def long_prompt(seed: int, min_words: int) -> str:
     return "\n".join(lines) + f"\nQuestion: which city appears in record {rng.randint(1, i)}? Answer:"
 
 
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_document(filler_sentences: int, key: str, position: float = 1 / 3) -> str:
+    """`key` hidden at a relative `position` of repeated filler text."""
+    parts = [FILLER] * filler_sentences
+    parts.insert(int(filler_sentences * position), f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    return "".join(parts)
+
+
 def passkey_prompt(seed: int, filler_sentences: int, position: float) -> tuple[str, str]:
-    """A number hidden at a relative `position` of repeated filler text; returns (prompt, passkey)."""
-    rng = random.Random(seed)
-    key = str(rng.randint(10000, 99999))
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    at = int(filler_sentences * position)
-    parts = [filler] * filler_sentences
-    parts.insert(at, f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    """A question about a random five-digit key hidden at `position`; returns (prompt, key)."""
+    key = str(random.Random(seed).randint(10000, 99999))
     prompt = (
         "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-        + "".join(parts)
-        + "\nWhat is the pass key? The pass key is"
+        + passkey_document(filler_sentences, key, position)
+        + "\nWhat is the pass key?"
     )
     return prompt, key
