@@ -73,9 +73,9 @@ def plot_decode(results: Path, tag: str, title_suffix: str) -> None:
     fa3_us = dense.get("vllm_fa3", {}).get("us")
     if fa3_us is not None:
         ax1.axhline(fa3_us / GOAL_DECODE_SPEEDUP, color="black", ls="--", lw=1)
-        ax1.annotate(f"goal: {GOAL_DECODE_SPEEDUP:.0f}x faster than FA3 = {fa3_us / GOAL_DECODE_SPEEDUP:.0f} us",
-                     (0.99, fa3_us / GOAL_DECODE_SPEEDUP), xycoords=("axes fraction", "data"), xytext=(0, 3),
-                     textcoords="offset points", ha="right", fontsize=8)
+        ax1.annotate(f"goal: {GOAL_DECODE_SPEEDUP:.0f}x FA3\n= {fa3_us / GOAL_DECODE_SPEEDUP:.0f} us",
+                     (0.01, fa3_us / GOAL_DECODE_SPEEDUP), xycoords=("axes fraction", "data"), xytext=(0, 3),
+                     textcoords="offset points", ha="left", fontsize=8)
     ax1.set_ylabel("time per decode call, one layer (microseconds)")
     ax1.set_title(f"Decode attention, batch {c['batch']} x {c['context'] // 1024}K context, budget {c['budget']} "
                   f"tokens\n(Hq {c['num_heads']}, Hkv {c['num_kv_heads']}, D {c['head_dim']}, bf16, "

@@ -1,7 +1,9 @@
 """The plugin's statistics: counters kept by the worker, published to a shared folder, read anywhere.
 
 Contract:
-- `Counters` holds one process's monotone counters (`COUNTER_NAMES`) and gauges (`GAUGE_NAMES`), as ints.
+- `Counters` holds one process's monotone counters (`COUNTER_NAMES`) and gauges (`GAUGE_NAMES`), as ints;
+  `process_counters()` is the one instance every part of the plugin in a process adds to (scheduler, connector and
+  worker share one process under vLLM's single-GPU executor, and one file per process).
 - `publish(counters)` writes them atomically to `$SPARSESERVE_STATS_DIR/<pid>.json`; `read_totals(dir)` sums
   every process's file (gauges only of processes still alive). `ensure_stats_dir()` creates the folder once in the first process and exports it in
   the environment, so processes that vLLM spawns later (engine core, workers) publish to the same place.
@@ -31,10 +33,13 @@ COUNTER_NAMES = (
     "hbm_evictions",         # offload: pages evicted from the HBM cache
     "bytes_h2d",             # offload: bytes loaded host -> HBM (cache misses and prefill context)
     "bytes_d2h",             # offload: bytes saved HBM -> host (FlashD2H)
+    "parked_steps",          # offload: (request, step) pairs a running decode request was parked (working set)
 )
 GAUGE_NAMES = (
     "hbm_pages_in_use",      # offload: HBM cache slots holding a page
     "host_blocks_in_use",    # offload: logical (host DRAM) KV blocks allocated to requests
+    "working_set_bytes",     # offload: estimated HBM working set of the decode requests scheduled this step
+    "batch_cap",             # offload: decode requests the HBM working set let run this step
 )
 NAMES = COUNTER_NAMES + GAUGE_NAMES
 
@@ -45,6 +50,17 @@ class Counters:
 
     def add(self, name: str, amount: int) -> None:
         self.values[name] += int(amount)
+
+
+_PROCESS_COUNTERS: Counters | None = None
+
+
+def process_counters() -> Counters:
+    """This process's one `Counters` (what `publish` writes to this process's file)."""
+    global _PROCESS_COUNTERS
+    if _PROCESS_COUNTERS is None:
+        _PROCESS_COUNTERS = Counters()
+    return _PROCESS_COUNTERS
 
 
 def ensure_stats_dir() -> Path:
@@ -104,6 +120,8 @@ def format_line(totals: dict[str, int]) -> str:
             f" | HBM cache hits={totals['hbm_hits']} misses={totals['hbm_misses']} pages in use={totals['hbm_pages_in_use']}"
             f" H2D={totals['bytes_h2d'] / 2**20:.1f} MiB D2H={totals['bytes_d2h'] / 2**20:.1f} MiB"
             f" host blocks in use={totals['host_blocks_in_use']}"
+            f" | working set={totals['working_set_bytes'] / 2**20:.1f} MiB batch cap={totals['batch_cap']}"
+            f" parked request-steps={totals['parked_steps']}"
             if totals["bytes_d2h"] else ""
         )
     )

@@ -141,6 +141,8 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
         )
         scored, selected, attended = self.runtime.decode_counts(seq_lens_cpu[:nd])
         self.runtime.plan_decode(nd, cm.block_table_tensor.shape[1])
+        if self.runtime.cfg.offload:
+            self.runtime.note_decode_rows(cm.block_table_tensor[:nd], seq_lens_cpu[:nd])
         md = SparseServeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             slot_mapping=cm.slot_mapping,

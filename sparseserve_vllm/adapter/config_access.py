@@ -21,6 +21,25 @@ def sparseserve_config(vllm_config) -> SparseServeConfig:
     return SparseServeConfig.from_additional_config(additional if isinstance(additional, dict) else {})
 
 
+def check_model(model_config) -> None:
+    """The backend serves plain causal GQA/MHA decoder attention; refuse anything else before an engine starts."""
+    text = model_config.hf_text_config
+    unsupported = {
+        "multi-head latent attention (MLA)": model_config.use_mla,
+        f"sliding-window attention ({model_config.get_sliding_window()} tokens)": model_config.get_sliding_window(),
+        "attention logit soft-capping": getattr(text, "attn_logit_softcapping", None),
+        "an attention-free or hybrid (state-space) architecture": model_config.is_hybrid
+        or model_config.is_attention_free,
+    }
+    used = [name for name, on in unsupported.items() if on]
+    if used:
+        raise SparseServeConfigError(
+            f"sparseserve: the model {model_config.model} uses {', '.join(used)}, which the sparseserve attention "
+            f"backend does not support; allowed: decoder models with full causal attention (Llama, Qwen2, Mistral "
+            f"without sliding window, Gemma); use another --attention-backend for this model"
+        )
+
+
 def validate_vllm_config(vllm_config) -> None:
     additional = vllm_config.additional_config
     has_key = isinstance(additional, dict) and CONFIG_KEY in additional
@@ -33,11 +52,21 @@ def validate_vllm_config(vllm_config) -> None:
             f"{vllm_config.attention_config.backend}; select it with --attention-backend sparseserve "
             f"(LLM(attention_backend='sparseserve')) or remove the '{CONFIG_KEY}' settings"
         )
+    check_model(vllm_config.model_config)
     cache = vllm_config.cache_config
     cfg.validate_against(
         block_size=cache.block_size if cache.user_specified_block_size else None,
         num_layers=vllm_config.model_config.get_num_layers(vllm_config.parallel_config),
     )
+    if cfg.offload:
+        from sparseserve_vllm.core.host_kv import PINNABLE_FRACTION, max_pinnable_bytes
+
+        limit = max_pinnable_bytes()
+        if cfg.host_kv_gib * 2**30 > limit:
+            raise SparseServeConfigError(
+                f"sparseserve: host_kv_gib={cfg.host_kv_gib} is more than this host can pin; allowed: <= "
+                f"{limit / 2**30:.1f} ({PINNABLE_FRACTION:.0%} of the memory available now)"
+            )
     if cfg.offload and vllm_config.parallel_config.world_size > 1:
         raise SparseServeConfigError(
             "sparseserve: offload=true runs on one GPU (tensor/pipeline parallel size 1) in this release"

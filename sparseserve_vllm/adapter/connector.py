@@ -2,11 +2,15 @@
 
 vLLM has no other per-step channel from the scheduler to an attention backend; SparseServe uses this one when
 `offload` is on (the plugin configures it itself, see `patches/engine_args.py`). It moves no KV by itself:
-- scheduler side: `request_finished` collects the block ids of finished and aborted requests; each step's
-  `SparseServeConnectorMetadata` carries them to the workers; `bind_gpu_block_pool` gives the logical (host)
-  block pool, whose usage is published as host pages in use;
+- scheduler side: `request_finished` (and `free_later`, for requests the scheduler preempts) collects the block ids
+  of freed requests; each step's `SparseServeConnectorMetadata` carries them to the workers with the step's number
+  (`step`, counted from 0); `bind_gpu_block_pool` gives the logical (host) block pool, whose usage is published as
+  host pages in use; `update_connector_output` keeps the workers' working-set reports until the scheduler takes
+  them (`take_working_set_reports`);
 - worker side: hands the logical block count (`kv_cache_config.num_blocks`) to the worker's runtime, frees the
-  finished requests' HBM cache slots at the start of each step, and flushes pending host saves after the forward.
+  finished requests' HBM cache slots and working-set history at the start of each step, and after the forward
+  reports, as `SparseServeWorkerMetadata`, the working set in bytes of each decode request of the step, keyed by
+  the request's first block id (see `SparseRuntime.working_set_report`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 
 from sparseserve_vllm import stats
@@ -26,6 +31,22 @@ from sparseserve_vllm import stats
 @dataclass
 class SparseServeConnectorMetadata(KVConnectorMetadata):
     freed_block_ids: list[int] = field(default_factory=list)
+    step: int = 0
+
+
+@dataclass
+class SparseServeWorkerMetadata(KVConnectorWorkerMetadata):
+    """Working sets of one step's decode requests: `{first block id: bytes}` (requests without history left out)."""
+
+    step: int
+    ws_bytes: dict[int, int]
+
+    def aggregate(self, other: "SparseServeWorkerMetadata") -> "SparseServeWorkerMetadata":
+        # Workers of one step hold disjoint KV heads: a request's working set is the sum of theirs.
+        merged = dict(self.ws_bytes)
+        for block, nbytes in other.ws_bytes.items():
+            merged[block] = merged.get(block, 0) + nbytes
+        return SparseServeWorkerMetadata(step=self.step, ws_bytes=merged)
 
 
 class SparseServeConnector(KVConnectorBase_V1):
@@ -33,7 +54,9 @@ class SparseServeConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         self._freed: list[int] = []
         self._block_pool = None
-        self._host_counters = stats.Counters()
+        self._step = 0
+        self._ws_reports: list[SparseServeWorkerMetadata] = []
+        self.counters = stats.process_counters()
         self._runtime = None
         if role == KVConnectorRole.WORKER:
             from sparseserve_vllm.adapter.runtime import get_runtime
@@ -53,18 +76,33 @@ class SparseServeConnector(KVConnectorBase_V1):
         return None
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
-        self._freed.extend(block_ids)
+        self.free_later(block_ids)
         return False, None
 
+    def free_later(self, block_ids) -> None:
+        """Tell the workers, with the next step, that these blocks were freed."""
+        self._freed.extend(block_ids)
+
     def build_connector_meta(self, scheduler_output) -> SparseServeConnectorMetadata:
-        meta = SparseServeConnectorMetadata(freed_block_ids=self._freed)
+        meta = SparseServeConnectorMetadata(freed_block_ids=self._freed, step=self._step)
         self._freed = []
+        self._step += 1
         if self._block_pool is not None:
             pool = self._block_pool
             used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is vLLM's null block
-            self._host_counters.values["host_blocks_in_use"] = max(used, 0)
-            stats.publish(self._host_counters)
+            self.counters.values["host_blocks_in_use"] = max(used, 0)
+            stats.publish(self.counters)
         return meta
+
+    def update_connector_output(self, connector_output) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, SparseServeWorkerMetadata):
+            self._ws_reports.append(meta)
+
+    def take_working_set_reports(self) -> list[SparseServeWorkerMetadata]:
+        """The workers' working-set reports received since the last call, oldest first."""
+        reports, self._ws_reports = self._ws_reports, []
+        return reports
 
     # ---------------- worker side ----------------
     def start_load_kv(self, forward_context, **kwargs) -> None:
@@ -81,3 +119,9 @@ class SparseServeConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return None
+
+    def build_connector_worker_meta(self) -> SparseServeWorkerMetadata | None:
+        report = self._runtime.working_set_report()
+        if not report or not self.has_connector_metadata():
+            return None
+        return SparseServeWorkerMetadata(step=self._get_connector_metadata().step, ws_bytes=report)

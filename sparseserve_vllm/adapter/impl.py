@@ -9,8 +9,9 @@ Contract of `forward(layer, query, key, value, kv_cache, attn_metadata, output)`
    (vLLM's FlashAttention on CUDA, `kernels.paged_dense_torch` on CPU).
 With `offload` on, `kv_cache` is the HBM page pool that every layer shares and the runtime's `OffloadTier` holds
 the KV: step 1 saves the new tokens to host DRAM (FlashD2H) and writes them through into cached pages, step 3
-resolves the selected pages to cache slots (misses loaded by FlashH2D) before attending, and dense rows gather
-their request's context of this layer from host DRAM into a scratch buffer.
+resolves the selected pages to cache slots (misses loaded by FlashH2D) before attending and records them in the
+runtime's working-set tracker, and dense rows gather their request's context of this layer from host DRAM into a
+scratch buffer.
 `attn_metadata is None` (profiling / warm-up runs) only zero-fills `output`.
 """
 
@@ -153,6 +154,7 @@ class SparseServeImpl(AttentionImpl):
             wrapper = rt.wrapper_for(self.num_heads, q.dtype, q.device)
             wrapper.run(q[:nd], tier.cache_pages, meta, md.decode_block_table, md.decode_seq_lens, self.scale,
                         out[:nd], translate=to_cache_slots)
+            rt.record_selection(li, wrapper.last_slots, wrapper.last_page_lens)
             rt.count(decode_steps=1, decode_queries=nd, pages_scored=md.pages_scored,
                      pages_selected=md.pages_selected, tokens_attended=md.tokens_attended)
         if md.num_prefills:

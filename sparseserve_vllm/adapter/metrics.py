@@ -27,6 +27,9 @@ _HELP = {
     "bytes_d2h": "Bytes saved from HBM to host DRAM",
     "hbm_pages_in_use": "HBM page cache slots holding a page",
     "host_blocks_in_use": "Logical KV blocks (host DRAM tier) allocated to requests",
+    "parked_steps": "Request-steps a running decode request was parked because the HBM working set was full",
+    "working_set_bytes": "Estimated HBM working set (bytes) of the decode requests scheduled in the last step",
+    "batch_cap": "Decode requests the HBM working set let run in the last step (working-set-aware batch size)",
 }
 
 

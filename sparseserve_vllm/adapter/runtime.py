@@ -6,7 +6,14 @@ Contract:
   of each layer, the `OffloadTier` when `offload` is on, and the statistics counters.
 - The builder calls `decode_counts` / `filled_page_slots` / `plan_decode` once per step (host side); impls call
   `wrapper_for` / `page_meta` / `count` from `forward`.
-- Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line.
+- Offload also keeps a `WorkingSetTracker` (window `working_set_window`): impls `record_selection` the logical
+  pages each sparse decode layer selected, the builder `note_decode_rows` (block table rows and lengths of the
+  step's decode requests), and once per step, after the forward, the connector asks `working_set_report()`:
+  `{first block id: bytes}` of each decode request of the step, bytes = distinct (layer, page) of its own pages
+  selected in the last `working_set_window` decode steps x page bytes (`page_size x 2 x head_dim x element size`);
+  requests with nothing selected in the window are left out. Freed blocks' pages are forgotten (`free_blocks`).
+- Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line
+  summing every process of the engine (the scheduler's working-set cap included).
 """
 
 from __future__ import annotations
@@ -15,13 +22,13 @@ import threading
 import time
 
 import torch
-from vllm.logger import init_logger
+from sparseserve_vllm.adapter.logging import logger as plugin_logger
 
 from sparseserve_vllm import stats
 from sparseserve_vllm.adapter.config_access import sparseserve_config
 from sparseserve_vllm.config import SparseServeConfig
 
-logger = init_logger(__name__)
+logger = plugin_logger(__name__)
 
 META_ROWS = {"quest": 2, "cuboid_mean": 2, "mean": 1}
 
@@ -47,7 +54,10 @@ class SparseRuntime:
         self._planned: tuple[int, int] | None = None
         self._wanted: tuple[int, int] = (0, 0)
         self._meta: dict[int, torch.Tensor] = {}
-        self.counters = stats.Counters()
+        self.ws_tracker = None  # offload: WorkingSetTracker, made with the tier
+        self._ws_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (first block ids [R], owned pages [R, P])
+        self._ws_open = False  # a selection was recorded since the last end_step
+        self.counters = stats.process_counters()
         self._stats_dir = stats.ensure_stats_dir()
         threading.Thread(target=self._publish_loop, name="sparseserve-stats", daemon=True).start()
 
@@ -119,7 +129,7 @@ class SparseRuntime:
             if interval and time.monotonic() - last_log >= interval:
                 last_log = time.monotonic()
                 if values["decode_steps"]:
-                    logger.info("%s", stats.format_line(values))
+                    logger.info("%s", stats.format_line(stats.read_totals(self._stats_dir)))
 
     # ---- per layer (impl.forward) ----
     def wrapper_for(self, num_heads: int, dtype: torch.dtype, device: torch.device):
@@ -163,11 +173,64 @@ class SparseRuntime:
                         kv_cache.numel() // (self.cfg.page_size * kv_cache.shape[-1]))
             self.tier = OffloadTier(host=host, cache_pages=kv_cache.view(-1, self.cfg.page_size, kv_cache.shape[-1]),
                                     page_size=self.cfg.page_size, max_tokens=self.max_num_batched_tokens)
+            from sparseserve_vllm.core.working_set import WorkingSetTracker, page_bytes
+
+            self.ws_tracker = WorkingSetTracker(
+                self.num_layers, self.tier.pages_per_layer,
+                page_bytes(page_size=self.cfg.page_size, head_dim=self.head_size, element_size=kv_cache.element_size()),
+                window=self.cfg.working_set_window, device=kv_cache.device, check_bounds=False,
+            )
         return self.tier
 
     def free_blocks(self, block_ids: list[int]) -> None:
         if self.tier is not None:
-            self.tier.free_blocks(torch.tensor(block_ids, dtype=torch.long))
+            blocks = torch.tensor(block_ids, dtype=torch.long)
+            self.tier.free_blocks(blocks)
+            self.ws_tracker.forget(self._block_pages(blocks.to(self.ws_tracker.device)).reshape(-1))
+
+    # ---- working set (offload) ----
+    def _block_pages(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Logical flat page ids `[*blocks.shape, Hkv, ppb]` of every KV head's pages of `blocks`."""
+        heads = torch.arange(self.num_kv_heads, device=blocks.device)[:, None]
+        j = torch.arange(self.ppb, device=blocks.device)
+        return (blocks[..., None, None] * self.num_kv_heads + heads) * self.ppb + j
+
+    def note_decode_rows(self, block_table: torch.Tensor, seq_lens_cpu: torch.Tensor) -> None:
+        """Builder, offload: the step's decode requests (their block table rows and lengths) for the next report."""
+        if self.ws_tracker is None or seq_lens_cpu.numel() == 0:
+            self._ws_rows = None
+            return
+        bs, ps = self.block_size, self.cfg.page_size
+        lens = seq_lens_cpu.to(torch.long)
+        nb = int((lens.max() + bs - 1) // bs)
+        dev = self.ws_tracker.device
+        pages = self._block_pages(block_table[:, :nb].to(dev, torch.long))  # [R, nb, Hkv, ppb]
+        index = (torch.arange(nb)[:, None] * self.ppb + torch.arange(self.ppb))[None, :, None, :]  # page in request
+        valid = (index < ((lens + ps - 1) // ps)[:, None, None, None]).to(dev, non_blocking=True)
+        owned = torch.where(valid, pages, -1).reshape(lens.numel(), -1)
+        self._ws_rows = (block_table[:, 0].to(dev, torch.long), owned)
+
+    def record_selection(self, layer: int, slots: torch.Tensor, lens: torch.Tensor) -> None:
+        """Impl, offload: the logical pages one sparse decode layer selected (`lens > 0` marks valid entries)."""
+        if self.ws_tracker is not None:
+            self.ws_tracker.record(layer, torch.where(lens > 0, slots, -1))
+            self._ws_open = True
+
+    def working_set_report(self) -> dict[int, int]:
+        """After the forward, once per step: close the decode step and return `{first block id: working-set bytes}`
+        of the step's decode requests (those with a selection in the window); empty when the step had none."""
+        rows, self._ws_rows = self._ws_rows, None
+        if self.ws_tracker is None:
+            return {}
+        if self._ws_open:
+            self.ws_tracker.end_step()
+            self._ws_open = False
+        if rows is None:
+            return {}
+        first, owned = rows
+        ws = self.ws_tracker.working_set_pages(owned) * self.ws_tracker.bytes_per_page
+        blocks, nbytes = torch.stack([first, ws]).tolist()
+        return {b: n for b, n in zip(blocks, nbytes) if n > 0}
 
     def page_meta(self, layer_idx: int, kv_cache: torch.Tensor) -> torch.Tensor:
         meta = self._meta.get(layer_idx)

@@ -6,7 +6,8 @@ Ledger (target / why / how / remove when):
    Why: vLLM has no hook that validates a plugin's `additional_config` in the process that parses the user's
         arguments; without one, a bad `sparseserve` setting would surface only as "engine core failed to start"
         from a spawned process. vLLM 0.26 also gives attention backends no config of their own (vllm#40051).
-   How: wraps the method; before it, configures offload's KV connector and turns prefix caching off; after it
+   How: wraps the method; before it, configures offload's KV connector and working-set scheduler and turns prefix
+        caching off; after it
         builds the `VllmConfig`, parses `additional_config['sparseserve']` into
         `SparseServeConfig` (raising its clear `ValueError`) when the SparseServe backend is selected or the key
         is present, and checks the resolved block size.

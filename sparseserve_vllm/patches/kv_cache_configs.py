@@ -44,6 +44,17 @@ def offload_configs(vllm_config, kv_cache_specs, available_memory):
             raise SparseServeConfigError(
                 f"sparseserve: hbm_cache_gib={cfg.hbm_cache_gib} holds no KV block ({page_bytes} bytes each)"
             )
+        spec = groups[0].kv_cache_spec
+        pages_per_block = spec.num_kv_heads * (spec.block_size // cfg.page_size)
+        chunk = vllm_config.scheduler_config.max_num_batched_tokens
+        need_pages = spec.num_kv_heads * (cfg.num_select_pages + -(-chunk // cfg.page_size) + 1)
+        if cache_blocks * pages_per_block < need_pages:
+            need_gib = need_pages / pages_per_block * page_bytes / GIB
+            raise SparseServeConfigError(
+                f"sparseserve: hbm_cache_gib={cfg.hbm_cache_gib} holds {cache_blocks * pages_per_block} pages, fewer "
+                f"than one layer of one step needs ({need_pages}: a decode's token_budget plus a "
+                f"{chunk}-token prefill chunk); allowed: >= {need_gib:.4f}"
+            )
         tensors = [KVCacheTensor(size=cache_blocks * page_bytes, shared_by=list(groups[0].layer_names))]
         out.append(KVCacheConfig(num_blocks=config.num_blocks, kv_cache_tensors=tensors, kv_cache_groups=groups))
     return out

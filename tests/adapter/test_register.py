@@ -66,3 +66,47 @@ def test_bad_settings_stop_startup_in_the_users_process(tiny_model, section, mat
 def test_settings_without_the_backend_are_refused(tiny_model):
     with pytest.raises(SparseServeConfigError, match="--attention-backend sparseserve"):
         config_for(tiny_model(), attention_backend=None, additional_config={"sparseserve": {}})
+
+
+OFFLOAD = {"sparseserve": {"offload": True, "host_kv_gib": 1, "hbm_cache_gib": 0.1}}
+
+
+def test_offload_configures_its_connector_and_turns_prefix_caching_off(tiny_model):
+    cfg = config_for(tiny_model(), additional_config=OFFLOAD)
+    assert cfg.kv_transfer_config.kv_connector == "SparseServeConnector"
+    assert cfg.kv_transfer_config.kv_connector_module_path == "sparseserve_vllm.adapter.connector"
+    assert cfg.cache_config.enable_prefix_caching is False
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"enable_prefix_caching": True}, "prefix caching.*--enable-prefix-caching"),
+        ({"kv_transfer_config": {"kv_connector": "OffloadingConnector", "kv_role": "kv_both"}},
+         "own KV connector.*OffloadingConnector"),
+        ({"kv_offloading_size": 4.0}, "--kv-offloading-size"),
+        ({"additional_config": {"sparseserve": {"offload": True, "host_kv_gib": 100000, "hbm_cache_gib": 0.1}}},
+         "host_kv_gib=100000 is more than this host can pin; allowed: <= "),
+    ],
+)
+def test_offload_conflicts_are_refused(tiny_model, extra, match):
+    from vllm.config import KVTransferConfig
+
+    if "kv_transfer_config" in extra:
+        extra = {"kv_transfer_config": KVTransferConfig(**extra["kv_transfer_config"])}
+    extra.setdefault("additional_config", OFFLOAD)
+    with pytest.raises(SparseServeConfigError, match=match):
+        config_for(tiny_model(), **extra)
+
+
+def test_a_model_with_sliding_window_attention_is_refused(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    src = tiny_model("qwen2")
+    shutil.copytree(src, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.update(use_sliding_window=True, sliding_window=256, max_window_layers=0)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SparseServeConfigError, match="sliding-window attention.*another --attention-backend"):
+        config_for(str(tmp_path / "m"))

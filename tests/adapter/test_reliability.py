@@ -69,7 +69,7 @@ def test_a_prompt_longer_than_the_kv_capacity_is_refused_and_the_server_keeps_se
 
 
 async def _disconnect(url: str, stream: bool) -> None:
-    body = {"model": "tiny", "prompt": words(1500, 3), "max_tokens": 2000, "ignore_eos": True, "stream": stream}
+    body = {"model": "tiny", "prompt": words(600, 3), "max_tokens": 2000, "ignore_eos": True, "stream": stream}
     async with aiohttp.ClientSession() as session:
         if stream:
             async with session.post(url + "/v1/completions", json=body) as r:
@@ -94,7 +94,7 @@ async def _load(url: str, n_short: int, n_long: int) -> list[dict]:
     conn = aiohttp.TCPConnector(limit=128)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=900)) as session:
         async def one(i: int, long: bool) -> dict:
-            body = {"model": "tiny", "prompt": words(1200 if long else 12, i), "ignore_eos": True,
+            body = {"model": "tiny", "prompt": words(500 if long else 12, i), "ignore_eos": True,
                     "max_tokens": 24 if long else 4}
             async with session.post(url + "/v1/completions", json=body) as r:
                 return {"status": r.status, "long": long, "body": await r.json()}

@@ -1,0 +1,257 @@
+"""`WorkingSetScheduler`: vLLM's scheduler with SparseServe's working-set-aware batch control (paper section 3.3,
+Algorithm 1) for `offload` mode, where vLLM's blocks are host DRAM and each worker holds only an HBM page cache.
+
+Contract:
+- Selected with `--scheduler-cls sparseserve_vllm.adapter.scheduler.WorkingSetScheduler` (the plugin sets it itself
+  when `offload` is on, see `patches/engine_args.py`). vLLM calls it with `Scheduler`'s constructor arguments;
+  `WorkingSetScheduler(...)` returns an `AsyncWorkingSetScheduler` (the same logic on vLLM's `AsyncScheduler`)
+  when `scheduler_config.async_scheduling` is on. Without `offload` (or without the SparseServe connector) it is
+  vLLM's scheduler unchanged.
+- Each step, before vLLM's own `schedule()`, `plan_step` decides in arrival order (vLLM's `running` order):
+    * running requests still prefilling always run; their exact HBM need this step is the pages their new tokens
+      are written into, in every layer (`prefill_pages` of the span `start % page_size + chunk`, not
+      layer-segmented: offload writes each new token through into the HBM cache, and a prefill's earlier context
+      is read from host DRAM, not from the cache);
+    * running decode requests are admitted by `WorkingSetController` (FCFS prefix, the first always) into the HBM
+      cache minus that prefill need; a request's estimate is its last reported working set (the workers' union of
+      selected (layer, page) over the last `working_set_window` decode steps, in bytes) or, without a report,
+      `decode_budget_pages` x page bytes for its context;
+    * the other decode requests are parked for this step: hidden from `self.running` while vLLM schedules and put
+      back afterwards at their places; they keep their blocks (KV stays in host DRAM) and are never recomputed;
+    * while any request is parked no waiting request is admitted; otherwise vLLM may admit the FCFS prefix of the
+      waiting requests whose first chunks' exact prefill need fits in what is left (the first one always when
+      nothing runs), through `max_num_running_reqs` for that step.
+  Every request completes: the head of the running queue always runs, and the others move up as it finishes.
+- Working sets arrive from the workers through the connector (`SparseServeWorkerMetadata`: the step number and
+  `{first block id: bytes}`); the step number maps each first block id back to the request it belonged to in that
+  step, so a report is never credited to a later owner of the block (async scheduling included). A parked request
+  keeps its last report.
+- Requests that vLLM itself preempts (host blocks exhausted) have their blocks announced to the workers, which
+  drop their cache slots and working-set history.
+- Statistics (`sparseserve_vllm.stats`, this process's counters, published by the connector each step):
+  `working_set_bytes` (sum of the estimates of the decode requests let run), `batch_cap` (how many; both 0 once
+  nothing runs), `parked_steps` (request-steps parked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sparseserve_vllm.adapter.logging import logger as plugin_logger
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from sparseserve_vllm import stats
+from sparseserve_vllm.adapter.config_access import sparseserve_config
+from sparseserve_vllm.core.admission import AdmissionDecision, WorkingSetController
+from sparseserve_vllm.core.working_set import decode_budget_pages, page_bytes, prefill_pages
+
+logger = plugin_logger(__name__)
+
+__all__ = ["AsyncWorkingSetScheduler", "Candidate", "StepPlan", "WorkingSetScheduler", "plan_step"]
+
+_KEPT_STEP_MAPS = 8  # steps whose first-block -> request maps wait for their report (async keeps 2 in flight)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    request_id: str
+    nbytes: int
+    """Decode: the working-set estimate; prefill: the exact HBM need of this step's chunk."""
+    prefill: bool
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    decision: AdmissionDecision
+    """The decode requests' admission (`admitted` run, `rejected` are parked)."""
+    prefill_bytes: int
+    """HBM the running prefills need this step (reserved before the decodes)."""
+    admit_waiting: int
+    """Waiting requests vLLM may admit this step (0 while any request is parked)."""
+
+    @property
+    def parked(self) -> tuple[str, ...]:
+        return self.decision.rejected
+
+
+def plan_step(
+    running: Sequence[Candidate],
+    waiting_bytes: Sequence[int],
+    capacity_bytes: int,
+    controller: WorkingSetController,
+) -> StepPlan:
+    """One step's working-set decision (see the module docstring); `running` in arrival order, `waiting_bytes` the
+    exact prefill need of each waiting request's first chunk, in the order vLLM would admit them."""
+    if capacity_bytes < 0:
+        raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+    prefill = sum(c.nbytes for c in running if c.prefill)
+    decision = controller.admit([(c.request_id, c.nbytes) for c in running if not c.prefill],
+                                max(capacity_bytes - prefill, 0))
+    admit = 0
+    if not decision.rejected:
+        free = capacity_bytes - prefill - decision.used_bytes
+        for need in waiting_bytes:
+            if (running or admit) and need > free:
+                break
+            free -= need
+            admit += 1
+    return StepPlan(decision=decision, prefill_bytes=prefill, admit_waiting=admit)
+
+
+class WorkingSetScheduler(Scheduler):
+    def __new__(cls, *args, **kwargs):
+        if cls is WorkingSetScheduler:
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            if vllm_config is not None and vllm_config.scheduler_config.async_scheduling:
+                cls = AsyncWorkingSetScheduler
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from sparseserve_vllm.adapter.connector import SparseServeConnector
+
+        cfg = sparseserve_config(self.vllm_config)
+        self._ws_on = cfg.offload and isinstance(self.connector, SparseServeConnector)
+        if not self._ws_on:
+            return
+        group = self.kv_cache_config.kv_cache_groups[0]
+        spec = group.kv_cache_spec
+        self._cfg = cfg
+        self._num_layers = len(group.layer_names)
+        self._num_kv_heads = spec.num_kv_heads
+        self._page_bytes = page_bytes(page_size=cfg.page_size, head_dim=spec.head_size,
+                                      element_size=spec.dtype.itemsize)
+        self._capacity = sum(t.size for t in self.kv_cache_config.kv_cache_tensors)  # the HBM page pool
+        self._controller = WorkingSetController()
+        self._ws_bytes: dict[str, int] = {}  # request id -> last reported working set
+        self._first_block: dict[str, int] = {}
+        self._step_blocks: dict[int, dict[int, str]] = {}  # connector step -> {first block id: request id}
+        self._counters = self.connector.counters
+        logger.info(
+            "SparseServe working-set batch control: HBM page cache %.1f MiB (%d pages of %d bytes), window %d steps",
+            self._capacity / 2**20, self._capacity // self._page_bytes, self._page_bytes, cfg.working_set_window,
+        )
+
+    # ---------------- estimates ----------------
+    def _prefill_bytes(self, start: int, tokens: int) -> int:
+        span = start % self._cfg.page_size + tokens if tokens else 0
+        return self._page_bytes * prefill_pages(num_layers=self._num_layers, num_kv_heads=self._num_kv_heads,
+                                                prompt_tokens=span, page_size=self._cfg.page_size,
+                                                layer_segmented=False)
+
+    def _budget_bytes(self, context_len: int) -> int:
+        sparse_layers = self._num_layers - self._cfg.dense_layers  # dense layers read host DRAM, not the cache
+        if sparse_layers <= 0:
+            return 0
+        return self._page_bytes * decode_budget_pages(
+            num_layers=sparse_layers, num_kv_heads=self._num_kv_heads, token_budget=self._cfg.token_budget,
+            context_len=context_len, page_size=self._cfg.page_size,
+        )
+
+    def _waiting_in_order(self):
+        if self.policy == SchedulingPolicy.PRIORITY:
+            return sorted([*self.skipped_waiting, *self.waiting])
+        return [*self.skipped_waiting, *self.waiting]
+
+    def _plan(self) -> StepPlan:
+        budget = self.max_num_scheduled_tokens
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        running: list[Candidate] = []
+        for req in self.running:
+            new_tokens = req.num_tokens_with_spec + req.num_output_placeholders - req.num_computed_tokens
+            if new_tokens > 1:
+                n = min(new_tokens, budget, threshold if threshold > 0 else new_tokens)
+                budget -= n
+                running.append(Candidate(req.request_id, self._prefill_bytes(req.num_computed_tokens, n), True))
+            else:
+                budget -= min(budget, new_tokens)
+                ws = self._ws_bytes.get(req.request_id) or self._budget_bytes(req.num_computed_tokens + 1)
+                running.append(Candidate(req.request_id, ws, False))
+        waiting: list[int] = []
+        slots = self.max_num_running_reqs - len(self.running) - self.num_waiting_for_streaming_input
+        for req in self._waiting_in_order():
+            n = min(req.num_tokens - req.num_computed_tokens, budget, threshold if threshold > 0 else budget)
+            if n <= 0 or len(waiting) >= slots:
+                break
+            budget -= n
+            waiting.append(self._prefill_bytes(req.num_computed_tokens, n))
+        return plan_step(running, waiting, self._capacity, self._controller)
+
+    # ---------------- reports from the workers ----------------
+    def _absorb_reports(self) -> None:
+        for report in self.connector.take_working_set_reports():
+            owners = self._step_blocks.pop(report.step, {})
+            for step in [s for s in self._step_blocks if s < report.step]:
+                del self._step_blocks[step]
+            for block, nbytes in report.ws_bytes.items():
+                request_id = owners.get(block)
+                if request_id in self.requests:
+                    self._ws_bytes[request_id] = nbytes
+        for cache in (self._ws_bytes, self._first_block):
+            for request_id in [r for r in cache if r not in self.requests]:
+                del cache[request_id]
+
+    def _note_step(self, scheduler_output) -> None:
+        owners = {}
+        for request_id in scheduler_output.num_scheduled_tokens:
+            block = self._first_block.get(request_id)
+            if block is None:
+                block = self._first_block[request_id] = self.kv_cache_manager.get_block_ids(request_id)[0][0]
+            owners[block] = request_id
+        self._step_blocks[scheduler_output.kv_connector_metadata.step] = owners
+        while len(self._step_blocks) > _KEPT_STEP_MAPS:
+            del self._step_blocks[next(iter(self._step_blocks))]
+
+    # ---------------- vLLM hooks ----------------
+    def schedule(self, *args, **kwargs):
+        if not self._ws_on:
+            return super().schedule(*args, **kwargs)
+        self._absorb_reports()
+        plan = self._plan()
+        values = self._counters.values
+        values["working_set_bytes"] = plan.decision.used_bytes
+        values["batch_cap"] = plan.decision.cap
+        values["parked_steps"] += len(plan.parked)
+        original = self.running
+        parked = set(plan.parked)
+        saved_max = self.max_num_running_reqs
+        if parked:
+            self.running = [r for r in original if r.request_id not in parked]
+        room = len(self.running) + self.num_waiting_for_streaming_input + plan.admit_waiting  # as vLLM counts
+        self.max_num_running_reqs = min(saved_max, room)
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_running_reqs = saved_max
+            if parked:
+                # Parked requests go back to their places; vLLM's preemptions (gone) and admissions (appended) stay.
+                now = {r.request_id for r in self.running}
+                before = {r.request_id for r in original}
+                self.running = [r for r in original if r.request_id in parked or r.request_id in now] + [
+                    r for r in self.running if r.request_id not in before
+                ]
+        self._note_step(output)
+        return output
+
+    def update_from_output(self, *args, **kwargs):
+        outputs = super().update_from_output(*args, **kwargs)
+        if self._ws_on and not self.running and self._counters.values["batch_cap"]:
+            # Idle: no step will publish again until the next request; the gauges describe no batch now.
+            self._counters.values["batch_cap"] = self._counters.values["working_set_bytes"] = 0
+            stats.publish(self._counters)
+        return outputs
+
+    def _preempt_request(self, request, timestamp: float) -> None:
+        if self._ws_on:
+            self.connector.free_later(self.kv_cache_manager.get_block_ids(request.request_id)[0])
+            self._ws_bytes.pop(request.request_id, None)
+            self._first_block.pop(request.request_id, None)
+        super()._preempt_request(request, timestamp)
+
+
+class AsyncWorkingSetScheduler(WorkingSetScheduler, AsyncScheduler):
+    """`WorkingSetScheduler` on vLLM's `AsyncScheduler` (what `WorkingSetScheduler(...)` gives under async
+    scheduling)."""
