@@ -30,10 +30,9 @@ from sparseserve_vllm.models import smollm2_dir  # noqa: E402
 SELECTORS = ("cuboid_mean", "quest", "mean")
 
 
-def sparse_vs_dense(q_last, key, value, scale, budgets, page_size=32, block_size=128):
-    """q_last [Hq, D]; key/value [Hkv, L, D]. Returns {(selector, budget): rel_err}."""
+def paged(key, value, page_size=32, block_size=128):
+    """The context `key/value [Hkv, L, D]` in SparseServe's KV layout: (pages view, block table, seq_lens, full page ids, Hkv)."""
     hkv, length, d = key.shape
-    hq = q_last.shape[0]
     nb = -(-length // block_size)
     kv = torch.zeros((nb, hkv, block_size, 2 * d), dtype=torch.float32)
     flat = kv.permute(1, 0, 2, 3).reshape(hkv, nb * block_size, 2 * d)
@@ -46,20 +45,31 @@ def sparse_vs_dense(q_last, key, value, scale, budgets, page_size=32, block_size
     seq_lens = torch.tensor([length], dtype=torch.int32)
     full = torch.tensor([(b * hkv + h) * ppb + j for b in range(nb) for h in range(hkv) for j in range(ppb)
                          if b * block_size + (j + 1) * page_size <= length], dtype=torch.long)
+    return pages, block_table, seq_lens, full, hkv
+
+
+def sparse_attention(q_last, layout, selector, budget, scale, page_size=32, block_size=128):
+    """SparseServe's decode attention (torch backend) of `q_last [Hq, D]` over a `paged()` context: [Hq, D]."""
+    pages, block_table, seq_lens, full, hkv = layout
+    d = q_last.shape[-1]
+    meta = torch.zeros((pages.shape[0], 1 if selector == "mean" else 2, d), dtype=torch.float32)
+    build_page_metadata(pages, meta, full, selector=selector)
+    ppb = block_size // page_size
+    w = SparseDecodeWrapper(q_last.shape[0], hkv, d, page_size, ppb,
+                            selector=selector, token_budget=budget, device="cpu", dtype=torch.float32, backend="torch")
+    w.plan(1, block_table.shape[1] * ppb)
+    return w.run(q_last[None].float(), pages, meta, block_table, seq_lens, scale)[0]
+
+
+def sparse_vs_dense(q_last, key, value, scale, budgets):
+    """q_last [Hq, D]; key/value [Hkv, L, D]. Returns {(selector, budget): relative L2 error}."""
+    layout = paged(key, value)
     dense = F.scaled_dot_product_attention(q_last[None, :, None].float(), key[None].float(), value[None].float(),
                                            scale=scale, enable_gqa=True)[0, :, 0]
-    errs = {}
-    for selector in SELECTORS:
-        rows = 1 if selector == "mean" else 2
-        meta = torch.zeros((pages.shape[0], rows, d), dtype=torch.float32)
-        build_page_metadata(pages, meta, full, selector=selector)
-        for budget in budgets:
-            w = SparseDecodeWrapper(hq, hkv, d, page_size, ppb, selector=selector, token_budget=budget,
-                                    device="cpu", dtype=torch.float32, backend="torch")
-            w.plan(1, nb * ppb)
-            out = w.run(q_last[None].float(), pages, meta, block_table, seq_lens, scale)[0]
-            errs[(selector, budget)] = float((out - dense).norm() / dense.norm())
-    return errs
+    return {
+        (selector, budget): float((sparse_attention(q_last, layout, selector, budget, scale) - dense).norm() / dense.norm())
+        for selector in SELECTORS for budget in budgets
+    }
 
 
 def main() -> None:

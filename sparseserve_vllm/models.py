@@ -124,13 +124,15 @@ def tiny_model_dir(family: str = "llama", *, max_position_embeddings: int = 1638
         model = AutoModelForCausalLM.from_config(cfg)
         # Larger-than-default weights give peaked attention and varied greedy tokens (the default init repeats one
         # token), so a wrong page selection or a wrong KV read changes the output.
+        # Gemma multiplies embeddings by sqrt(hidden_size), so its embeddings start smaller.
+        embed_std = 0.05 if family == "gemma" else 1.0
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "proj" in name:
                     p.normal_(0.0, 0.15)
                 elif "embed" in name or "lm_head" in name:
-                    p.normal_(0.0, 1.0)
+                    p.normal_(0.0, embed_std)
         model.save_pretrained(out, safe_serialization=True)
         _train_tokenizer(out, vocab)
 
-    return _publish(build, cache_root() / f"tiny-{family}-{max_position_embeddings}-s{seed}-v2")
+    return _publish(build, cache_root() / f"tiny-{family}-{max_position_embeddings}-s{seed}-v3")

@@ -9,9 +9,9 @@ Contract:
   vLLM's scheduler unchanged.
 - Each step, before vLLM's own `schedule()`, `plan_step` decides in arrival order (vLLM's `running` order):
     * running requests still prefilling always run; their exact HBM need this step is the pages their new tokens
-      are written into, in every layer (`prefill_pages` of the span `start % page_size + chunk`, not
-      layer-segmented: offload writes each new token through into the HBM cache, and a prefill's earlier context
-      is read from host DRAM, not from the cache);
+      are written into, in ONE layer (`prefill_pages` of the span `start % page_size + chunk`, layer-segmented):
+      offload runs a chunk layer by layer, writes its new tokens through into the HBM cache where they are
+      protected only while their layer runs, and reads the earlier context from host DRAM into a scratch buffer;
     * running decode requests are admitted by `WorkingSetController` (FCFS prefix, the first always) into the HBM
       cache minus that prefill need; a request's estimate is its last reported working set (the workers' union of
       selected (layer, page) over the last `working_set_window` decode steps, in bytes) or, without a report,
@@ -137,10 +137,13 @@ class WorkingSetScheduler(Scheduler):
 
     # ---------------- estimates ----------------
     def _prefill_bytes(self, start: int, tokens: int) -> int:
+        # The offload tier runs a prefill chunk one layer at a time: its pages are written through into the cache
+        # and protected only while their layer runs (the context itself is gathered into a scratch buffer), so the
+        # cache must hold one layer's new pages of the chunk.
         span = start % self._cfg.page_size + tokens if tokens else 0
         return self._page_bytes * prefill_pages(num_layers=self._num_layers, num_kv_heads=self._num_kv_heads,
                                                 prompt_tokens=span, page_size=self._cfg.page_size,
-                                                layer_segmented=False)
+                                                layer_segmented=True)
 
     def _budget_bytes(self, context_len: int) -> int:
         sparse_layers = self._num_layers - self._cfg.dense_layers  # dense layers read host DRAM, not the cache

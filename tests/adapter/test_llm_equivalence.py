@@ -48,17 +48,19 @@ def test_full_budget_equals_vllm_backend_on_smollm2(smollm2, smol_prompts, dense
     assert after["tokens_attended"] - before["tokens_attended"] >= 3 * 3 * 30 * 11 * 2048
 
 
-OFFLOAD = {"token_budget": 4096, "offload": True, "host_kv_gib": 1.0, "hbm_cache_gib": 0.015}
+OFFLOAD = {"offload": True, "host_kv_gib": 1.0}
+KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 4  # SmolLM2: layers x KV heads x head dim x (K, V) x float32
 
 
 def test_offload_with_a_small_hbm_cache_equals_dense_and_frees_every_page(smollm2, smol_prompts, dense_tokens):
     """All KV in host DRAM and an HBM page cache of 15 MiB (about 1.5 of SmolLM2's 30 layers of this batch): pages are
-    evicted and loaded on every step, the three requests still decode together, and the tokens equal dense."""
+    evicted and loaded on every decode layer-step, and with a budget covering the context the tokens equal dense."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     before = stats.read_totals()
-    with engine(smollm2, "sparseserve", OFFLOAD, max_model_len=4096) as llm:
+    with engine(smollm2, "sparseserve", {**OFFLOAD, "token_budget": 4096, "hbm_cache_gib": 0.015},
+                max_model_len=4096) as llm:
         got = greedy(llm, smol_prompts)
         time.sleep(1.2)
         done = stats.read_totals()
@@ -78,14 +80,30 @@ def test_offload_with_a_small_hbm_cache_equals_dense_and_frees_every_page(smollm
         after_abort = stats.read_totals()
     assert got == dense_tokens
     delta = {k: done[k] - before[k] for k in stats.COUNTER_NAMES}
-    steps = delta["decode_steps"]
-    assert delta["decode_queries"] >= 2.5 * steps, "the three requests must decode in the same steps"
-    # Evictions on every decode layer-step, and the running KV (3 x ~2.2K tokens x 30 layers) is >= 4x the cache.
-    assert delta["hbm_evictions"] >= steps and delta["hbm_misses"] > 0 and delta["bytes_h2d"] > 0
-    kv_bytes = sum(len(p) for p in smol_prompts) * 30 * 3 * 64 * 2 * 4
-    assert kv_bytes >= 4 * OFFLOAD["hbm_cache_gib"] * 2**30
-    assert delta["bytes_d2h"] >= kv_bytes
+    assert delta["hbm_evictions"] >= delta["decode_steps"] > 0 and delta["hbm_misses"] > 0
+    kv_bytes = sum(len(p) for p in smol_prompts) * KV_BYTES_PER_TOKEN
+    assert delta["bytes_d2h"] >= kv_bytes and delta["bytes_h2d"] > 0
     # Finished and aborted requests give back every HBM page and every host block.
     assert done["hbm_pages_in_use"] == 0 and done["host_blocks_in_use"] == 0, done
     assert mid["hbm_pages_in_use"] > 0 and mid["host_blocks_in_use"] > 0, mid
     assert after_abort["hbm_pages_in_use"] == 0 and after_abort["host_blocks_in_use"] == 0, after_abort
+
+
+def test_offload_runs_together_requests_whose_kv_is_many_times_the_hbm_cache(smollm2, smol_prompts):
+    """Budget 256 and a one-step working-set window: each request's decode working set (8 pages per KV head and layer,
+    11 MiB) is small, so the three requests decode in the same steps while their KV (about 300 MB in all) is more
+    than 4x the 48 MiB HBM cache. (With the default 12-step window the union of selections is several times larger
+    and the working-set scheduler runs them one by one.)"""
+    cache_gib = 0.047
+    kv_bytes = sum(len(p) for p in smol_prompts) * KV_BYTES_PER_TOKEN
+    assert kv_bytes >= 4 * cache_gib * 2**30
+    before = stats.read_totals()
+    with engine(smollm2, "sparseserve", {**OFFLOAD, "token_budget": 256, "hbm_cache_gib": cache_gib,
+                                          "working_set_window": 1}, max_model_len=4096) as llm:
+        got = greedy(llm, smol_prompts, max_tokens=32)
+        time.sleep(1.2)
+        after = stats.read_totals()
+    assert all(len(t) == 32 for t in got)
+    delta = {k: after[k] - before[k] for k in stats.COUNTER_NAMES}
+    assert delta["decode_queries"] >= 2.5 * delta["decode_steps"], delta
+    assert delta["hbm_evictions"] > 0 and delta["pages_selected"] < delta["pages_scored"]
