@@ -46,6 +46,11 @@ def validate_vllm_config(vllm_config) -> None:
     if not (selected(vllm_config) or has_key):
         return
     cfg = sparseserve_config(vllm_config)
+    if has_key and "max_inject_tokens" in (additional[CONFIG_KEY] or {}):
+        raise SparseServeConfigError(
+            "sparseserve: max_inject_tokens sizes layer-segmented prefill, which this release does not implement "
+            "yet (prefill is dense and chunked by vLLM); remove max_inject_tokens"
+        )
     if has_key and not selected(vllm_config):
         raise SparseServeConfigError(
             f"additional_config['{CONFIG_KEY}'] is set but the attention backend is "

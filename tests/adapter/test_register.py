@@ -55,6 +55,7 @@ def test_engine_config_selects_the_backend_by_name(tiny_model):
         ({"selector": "best"}, "selector.*cuboid_mean, quest, mean"),
         ({"page_size": 256}, r"page_size \(256\) must divide vLLM's KV block size \(128\)"),
         ({"dense_layers": 3}, r"dense_layers \(3\).*0..2"),
+        ({"max_inject_tokens": 4096}, "max_inject_tokens sizes layer-segmented prefill.*not implement"),
     ],
 )
 def test_bad_settings_stop_startup_in_the_users_process(tiny_model, section, match):
