@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sparseserve_vllm.prompts import passkey_document  # noqa: E402
-from sparseserve_vllm.kernels import SparseDecodeWrapper, build_page_metadata  # noqa: E402
+from sparseserve_vllm.kernels import SparseDecodeWrapper, build_page_metadata, num_meta_vectors  # noqa: E402
 from sparseserve_vllm.models import smollm2_dir  # noqa: E402
 
 SELECTORS = ("cuboid_mean", "quest", "mean")
@@ -52,7 +52,7 @@ def sparse_attention(q_last, layout, selector, budget, scale, page_size=32, bloc
     """SparseServe's decode attention (torch backend) of `q_last [Hq, D]` over a `paged()` context: [Hq, D]."""
     pages, block_table, seq_lens, full, hkv = layout
     d = q_last.shape[-1]
-    meta = torch.zeros((pages.shape[0], 1 if selector == "mean" else 2, d), dtype=torch.float32)
+    meta = torch.zeros((pages.shape[0], num_meta_vectors(selector), d), dtype=torch.float32)
     build_page_metadata(pages, meta, full, selector=selector)
     ppb = block_size // page_size
     w = SparseDecodeWrapper(q_last.shape[0], hkv, d, page_size, ppb,

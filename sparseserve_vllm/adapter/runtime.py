@@ -22,15 +22,14 @@ import threading
 import time
 
 import torch
-from sparseserve_vllm.adapter.logging import logger as plugin_logger
 
 from sparseserve_vllm import stats
 from sparseserve_vllm.adapter.config_access import sparseserve_config
+from sparseserve_vllm.adapter.logging import logger as plugin_logger
 from sparseserve_vllm.config import SparseServeConfig
+from sparseserve_vllm.kernels.pages import num_meta_vectors
 
 logger = plugin_logger(__name__)
-
-META_ROWS = {"quest": 2, "cuboid_mean": 2, "mean": 1}
 
 _RUNTIME: "SparseRuntime | None" = None
 
@@ -184,17 +183,10 @@ class SparseRuntime:
 
     def free_blocks(self, block_ids: list[int]) -> None:
         if self.tier is not None:
-            blocks = torch.tensor(block_ids, dtype=torch.long)
-            self.tier.free_blocks(blocks)
-            self.ws_tracker.forget(self._block_pages(blocks.to(self.ws_tracker.device)).reshape(-1))
+            pages = self.tier.free_blocks(torch.tensor(block_ids, dtype=torch.long))
+            self.ws_tracker.forget(pages)
 
     # ---- working set (offload) ----
-    def _block_pages(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Logical flat page ids `[*blocks.shape, Hkv, ppb]` of every KV head's pages of `blocks`."""
-        heads = torch.arange(self.num_kv_heads, device=blocks.device)[:, None]
-        j = torch.arange(self.ppb, device=blocks.device)
-        return (blocks[..., None, None] * self.num_kv_heads + heads) * self.ppb + j
-
     def note_decode_rows(self, block_table: torch.Tensor, seq_lens_cpu: torch.Tensor) -> None:
         """Builder, offload: the step's decode requests (their block table rows and lengths) for the next report."""
         if self.ws_tracker is None or seq_lens_cpu.numel() == 0:
@@ -204,7 +196,7 @@ class SparseRuntime:
         lens = seq_lens_cpu.to(torch.long)
         nb = int((lens.max() + bs - 1) // bs)
         dev = self.ws_tracker.device
-        pages = self._block_pages(block_table[:, :nb].to(dev, torch.long))  # [R, nb, Hkv, ppb]
+        pages = self.tier.block_pages(block_table[:, :nb])  # [R, nb, Hkv, ppb]
         index = (torch.arange(nb)[:, None] * self.ppb + torch.arange(self.ppb))[None, :, None, :]  # page in request
         valid = (index < ((lens + ps - 1) // ps)[:, None, None, None]).to(dev, non_blocking=True)
         owned = torch.where(valid, pages, -1).reshape(lens.numel(), -1)
@@ -237,7 +229,7 @@ class SparseRuntime:
         blocks = self.num_logical_blocks if self.cfg.offload else kv_cache.shape[0]
         num_pages = blocks * self.num_kv_heads * self.ppb
         if meta is None or meta.shape[0] != num_pages or meta.device != kv_cache.device:
-            rows = META_ROWS[self.cfg.selector]
+            rows = num_meta_vectors(self.cfg.selector)
             meta = torch.zeros((num_pages, rows, self.head_size), dtype=kv_cache.dtype, device=kv_cache.device)
             self._meta[layer_idx] = meta
         return meta

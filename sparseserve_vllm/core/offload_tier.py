@@ -121,13 +121,18 @@ class OffloadTier:
         return ctx[..., :d], ctx[..., d:]
 
     # ---- request lifecycle ----
-    def free_blocks(self, block_ids: torch.Tensor) -> None:
-        blocks = block_ids.to(self.device, torch.long).reshape(-1)
-        if blocks.numel() == 0:
-            return
+    def block_pages(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Logical flat page ids `[*blocks.shape, Hkv, ppb]` of every KV head's pages of `blocks` (on this device)."""
+        blocks = blocks.to(self.device, torch.long)
         j = torch.arange(self.ppb, device=self.device)
-        flat = ((blocks[:, None, None] * self.num_kv_heads + self._heads[None, :, None]) * self.ppb + j).reshape(-1)
-        self.cache.invalidate(None, flat)
+        return (blocks[..., None, None] * self.num_kv_heads + self._heads[:, None]) * self.ppb + j
+
+    def free_blocks(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Give the cache slots of these blocks' pages back; returns the pages (flat, for other bookkeeping)."""
+        pages = self.block_pages(block_ids.reshape(-1)).reshape(-1)
+        if pages.numel():
+            self.cache.invalidate(None, pages)
+        return pages
 
     def stats(self) -> dict[str, int]:
         s = self.cache.stats()
