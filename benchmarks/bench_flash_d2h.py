@@ -1,17 +1,20 @@
-"""Benchmark FlashD2H (one contiguous D2H copy + CPU-thread scatter) against per-fragment copies and one
-contiguous copy, and its effect on concurrent matmuls on the compute stream.
+"""Benchmark FlashD2H in both modes ("uva": the GPU scatters into the pinned store through UVA; "staged": one
+contiguous D2H copy + CPU-thread scatter) against per-fragment copies and one contiguous copy, and their effect on
+concurrent matmuls on the compute stream.
 
 One command, prints one JSON object (and writes it to --out PATH):
-    python benchmarks/bench_flash_d2h.py [--tokens 64,8192,32768] [--threads 4,8,16] [--out result.json]
+    python benchmarks/bench_flash_d2h.py [--tokens 64,8192,32768] [--threads 4,8,16] [--sms 8,16,32]
+                                         [--out result.json]
 
 Setup (Llama-3.1-8B KV shape): 32 layers, Hkv 8, D 128, bf16, so 4 KiB of new K+V per token per layer;
 block_size 128, page_size 32. One step saves T new tokens in every layer. For T = 64 (a decode batch) each token
 gets a random slot in its own random block (a random offset); for larger T (prefill) tokens fill random whole
 blocks in order. Keys and values are random device tensors [T, 8, 128], distinct per layer.
 Measured, as GB/s of new KV bytes (32 * T * 4 KiB per step), end to end until the data is in the host store's
-page layout (wall clock from the first save to the return of flush(), the GPU idle otherwise):
-  (a) FlashD2HSaver for every thread count in --threads (parts of --max-tokens, a ring of --staging-tokens);
-      also the time the caller spends inside save() calls;
+page layout (wall clock from the first save to the return of wait_all(), the GPU idle otherwise):
+  (a) FlashD2HSaver in staged mode for every thread count in --threads (`flash_d2h`) and in uva mode for every
+      program count in --sms (`flash_d2h_uva`), parts of --max-tokens, a ring of --staging-tokens; also the
+      time the caller spends inside save() calls;
   (b) the memcpy baseline: the new tokens already sit in an HBM cache in the HND layout (as vLLM writes them)
       and every contiguous fragment of them in that layout (one page of one head for prefill, one token of one
       head for decode) is copied with its own `copy_(non_blocking=True)`; run on --frag-layers layers to bound
@@ -20,12 +23,14 @@ page layout (wall clock from the first save to the return of flush(), the GPU id
       `contiguous_per_layer_gbps`, one contiguous copy per layer, the granularity at which new KV appears).
 Checked before timing: after (a) and (b) the host store holds exactly cat(K, V) of every token at its slot, for
 every layer (the script exits non-zero otherwise).
-Host ceilings (no GPU involved): the scatter alone (ring rows -> store rows, numpy, the saver's inner
+Host ceilings (no GPU involved): the scatter alone (ring rows -> store rows, numpy, the staged saver's inner
 operation) with 1 and each --threads count, and a plain multi-threaded host memcpy, for 32 layers x 8192 tokens.
 Interference: per layer, --mm-per-layer matmuls [T, 4096] @ [4096, 14336] on the compute stream (a stand-in for
 the layer's MLP), timed with CUDA events on the compute stream alone and with FlashD2H saving each layer's KV
-right after its matmuls; `slowdown` = with / alone (goal ~1.0: the saver only adds its pack kernel).
-`ratio` = FlashD2H GB/s / contiguous GB/s (goal >= 0.9).
+right after its matmuls; `slowdown` = with / alone (goal ~1.0). Reported in `interference` for the staged saver
+with the most threads and in every `flash_d2h_uva` entry for that program count (the scatter kernel shares the
+SMs with the matmuls; the staged saver only adds its pack kernel and a copy-engine transfer).
+`ratio` = saver GB/s / contiguous GB/s of the same run (goal >= 0.9).
 """
 
 from __future__ import annotations
@@ -130,7 +135,8 @@ def host_ceilings(host: HostKVStore, thread_list) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="64,8192,32768")
-    p.add_argument("--threads", default="4,8,16")
+    p.add_argument("--threads", default="4,8,16", help="staged mode: scatter thread counts")
+    p.add_argument("--sms", default="8,16,32", help="uva mode: scatter program counts (num_sms)")
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--staging-tokens", type=int, default=65536)
     p.add_argument("--steps", type=int, default=3)
@@ -145,6 +151,7 @@ def main() -> int:
     gen = torch.Generator().manual_seed(args.seed)
     token_list = [int(x) for x in args.tokens.split(",")]
     thread_list = [int(x) for x in args.threads.split(",")]
+    sms_list = [int(x) for x in args.sms.split(",")]
     num_blocks = max(-(-max(token_list) // BLOCK) * 5 // 4, 128)  # room for the largest step and for random blocks
     t0 = time.perf_counter()
     host = HostKVStore(LAYERS, num_blocks, HKV, BLOCK, D, DTYPE, pin=True)
@@ -188,30 +195,34 @@ def main() -> int:
         row["contiguous_per_layer_gbps"] = round(step_bytes / statistics.median(times) / 1e9, 2)
         del src, dst, per_layer, dst_layers
 
-        # (a) FlashD2H
-        flash = []
-        for nt in thread_list:
-            with FlashD2HSaver(host, args.max_tokens, nt, staging_tokens=args.staging_tokens) as saver:
-                poison(host, slots_cpu, range(LAYERS))
+        # (a) FlashD2H, both modes
+        def measure(saver) -> dict:
+            nonlocal ok
+            poison(host, slots_cpu, range(LAYERS))
+            for layer in range(LAYERS):
+                saver.save(layer, keys[layer], values[layer], slots)
+            saver.wait_all()
+            good = check_store(host, keys, values, slots_cpu, range(LAYERS))
+            ok &= good
+            walls, in_save = [], []
+            for _ in range(args.steps):
+                torch.cuda.synchronize()
+                a = time.perf_counter()
                 for layer in range(LAYERS):
                     saver.save(layer, keys[layer], values[layer], slots)
-                saver.flush()
-                good = check_store(host, keys, values, slots_cpu, range(LAYERS))
-                ok &= good
-                walls, in_save = [], []
-                for _ in range(args.steps):
-                    torch.cuda.synchronize()
-                    a = time.perf_counter()
-                    for layer in range(LAYERS):
-                        saver.save(layer, keys[layer], values[layer], slots)
-                    b = time.perf_counter()
-                    saver.flush()
-                    walls.append(time.perf_counter() - a)
-                    in_save.append(b - a)
-                gbps = step_bytes / statistics.median(walls) / 1e9
-                flash.append(dict(threads=nt, gbps=round(gbps, 2), ratio=round(gbps / contiguous, 3),
-                                  step_ms=round(statistics.median(walls) * 1e3, 2),
-                                  in_save_ms=round(statistics.median(in_save) * 1e3, 2), verified=good))
+                b = time.perf_counter()
+                saver.wait_all()
+                walls.append(time.perf_counter() - a)
+                in_save.append(b - a)
+            gbps = step_bytes / statistics.median(walls) / 1e9
+            return dict(mode=saver.mode, gbps=round(gbps, 2), ratio=round(gbps / contiguous, 3),
+                        step_ms=round(statistics.median(walls) * 1e3, 2),
+                        in_save_ms=round(statistics.median(in_save) * 1e3, 2), verified=good)
+
+        flash = []
+        for nt in thread_list:
+            with FlashD2HSaver(host, args.max_tokens, nt, staging_tokens=args.staging_tokens, mode="staged") as saver:
+                flash.append(dict(threads=nt, **measure(saver)))
         row["flash_d2h"] = flash
 
         # (b) memcpy baseline: one copy_ per contiguous fragment of the HBM cache
@@ -252,15 +263,33 @@ def main() -> int:
             end.record(compute)
             end.synchronize()
             if saver is not None:
-                saver.flush()
+                saver.wait_all()
             return start.elapsed_time(end)
 
-        with FlashD2HSaver(host, args.max_tokens, max(thread_list), staging_tokens=args.staging_tokens) as saver:
-            forward(None), forward(saver)
-            alone = statistics.median(forward(None) for _ in range(args.steps))
-            with_save = statistics.median(forward(saver) for _ in range(args.steps))
-        row["interference"] = dict(matmuls=LAYERS * args.mm_per_layer, compute_alone_ms=round(alone, 3),
-                                   compute_with_flash_d2h_ms=round(with_save, 3), slowdown=round(with_save / alone, 4))
+        def with_saver(saver) -> float:
+            forward(saver)  # warm-up
+            return statistics.median(forward(saver) for _ in range(args.steps))
+
+        forward(None)
+        alone = statistics.median(forward(None) for _ in range(args.steps))
+        with FlashD2HSaver(host, args.max_tokens, max(thread_list), staging_tokens=args.staging_tokens,
+                           mode="staged") as saver:
+            with_save = with_saver(saver)
+        row["interference"] = dict(mode="staged", threads=max(thread_list), matmuls=LAYERS * args.mm_per_layer,
+                                   compute_alone_ms=round(alone, 3), compute_with_flash_d2h_ms=round(with_save, 3),
+                                   slowdown=round(with_save / alone, 4))
+
+        # (a) and interference for the uva mode, per program count
+        uva = []
+        for sms in sms_list:
+            with FlashD2HSaver(host, args.max_tokens, staging_tokens=args.staging_tokens, mode="uva",
+                               num_sms=sms) as saver:
+                entry = dict(sms=sms, **measure(saver))
+                with_save = with_saver(saver)
+            entry.update(compute_alone_ms=round(alone, 3), compute_with_flash_d2h_ms=round(with_save, 3),
+                         slowdown=round(with_save / alone, 4))
+            uva.append(entry)
+        row["flash_d2h_uva"] = uva
         rows.append(row)
         del keys, values, x
 

@@ -256,12 +256,12 @@ def main(argv=None) -> int:
                              recent_pages=a.recent_pages, out=idx_buf, block_table=block_table, ppb=ppb,
                              slots_out=slots_buf, lens_out=lens_buf), a.iters, a.graph_reps)
     split_times = {}
-    for s in sorted({1, 2, 4, 8, 16, wrapper.num_splits}):
+    for s in sorted({1, 2, 4, 8, 16, wrapper.splits_for(bsz)}):
         ws = alloc_split_workspace(bsz, hq, d, s, dev) if s > 1 else None
         split_times[str(s)], _ = time_cuda(
             lambda s=s, ws=ws: sparse_decode_attention(q, kv_pages, slots_buf, lens_buf, scale=scale, out=out,
                                                        num_splits=s, workspace=ws), a.iters, a.graph_reps)
-    times["sparse_attention"] = split_times[str(wrapper.num_splits)]
+    times["sparse_attention"] = split_times[str(wrapper.splits_for(bsz))]
     # Worst case of one decode step: a page fills for every (request, KV head) at once.
     new_slots = all_slots[torch.randperm(all_slots.numel(), device=dev)[:bsz * hkv]].contiguous()
     times["build_page_metadata_B_x_Hkv_pages"], _ = time_cuda(
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
         "config": {"batch": bsz, "context": a.context, "budget": a.budget, "selector": a.selector,
                    "page_size": page, "block_size": bs, "num_heads": hq, "num_kv_heads": hkv, "head_dim": d,
                    "dtype": "bfloat16", "num_select": k_sel, "sink_pages": a.sink_pages,
-                   "recent_pages": a.recent_pages, "num_splits": wrapper.num_splits, "iters": a.iters,
+                   "recent_pages": a.recent_pages, "num_splits": wrapper.splits_for(bsz), "iters": a.iters,
                    "graph_reps": a.graph_reps, "gpu": torch.cuda.get_device_name(dev), "num_sms": num_sms,
                    "torch": torch.__version__},
         "times_us": times,

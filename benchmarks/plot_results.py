@@ -243,11 +243,16 @@ def plot_d2h(results: Path, tag: str, title_suffix: str) -> None:
     ax1, ax2, ax3 = axes
     series = [(f"FlashD2HSaver, {n} threads", [next(f["gbps"] for f in r["flash_d2h"] if f["threads"] == n)
                                                for r in rows]) for n in threads]
+    sms = [f["sms"] for f in rows[0].get("flash_d2h_uva", [])]
+    series += [(f"FlashD2H uva (GPU scatter), {n} SMs", [next(f["gbps"] for f in r["flash_d2h_uva"] if f["sms"] == n)
+                                                        for r in rows]) for n in sms]
     series += [("one copy_ per contiguous fragment (baseline)", [r["per_fragment_copy"]["gbps"] for r in rows]),
                ("one contiguous copy per layer", [r["contiguous_per_layer_gbps"] for r in rows]),
                ("one contiguous copy of the step (ceiling)", [r["contiguous_gbps"] for r in rows])]
     saver_colors = ["tab:green", "tab:olive", "tab:cyan", "tab:blue"]
-    colors = [saver_colors[i % len(saver_colors)] for i in range(len(threads))] + ["tab:red", "silver", "dimgray"]
+    uva_colors = ["#8c564b", "#c49c94", "#e377c2"]
+    colors = ([saver_colors[i % len(saver_colors)] for i in range(len(threads))]
+              + [uva_colors[i % len(uva_colors)] for i in range(len(sms))] + ["tab:red", "silver", "dimgray"])
     n = len(series)
     w = 0.8 / n
     for i, (lab, vals) in enumerate(series):
@@ -256,7 +261,7 @@ def plot_d2h(results: Path, tag: str, title_suffix: str) -> None:
         label_bars(ax1, bars, "{:.2f}", 7)
     for j, r in enumerate(rows):
         ax1.plot([j - 0.42, j + 0.42], [GOAL_COPY_RATIO * r["contiguous_gbps"]] * 2, color="black", ls="--", lw=1)
-        best = max(f["gbps"] for f in r["flash_d2h"])
+        best = max(f["gbps"] for f in r["flash_d2h"] + r.get("flash_d2h_uva", []))
         ax1.annotate(f"best saver {best / r['contiguous_gbps']:.2f}x of contiguous\n(goal {GOAL_COPY_RATIO}x, dashed)",
                      (j, 120), ha="center", fontsize=7.5)
     ax1.set_yscale("log")
@@ -286,8 +291,15 @@ def plot_d2h(results: Path, tag: str, title_suffix: str) -> None:
     ax2.legend(fontsize=7.5, loc="lower right")
 
     slow = [r["interference"]["slowdown"] for r in rows]
-    bars = ax3.bar(range(len(rows)), slow, 0.5, color="tab:orange")
+    bars = ax3.bar([j - 0.15 for j in range(len(rows))], slow, 0.3, color="tab:orange", label="staged (CPU threads)")
     label_bars(ax3, bars, "{:.2f}x", 8)
+    if sms:
+        uva_slow = [next(f["slowdown"] for f in r["flash_d2h_uva"] if f["sms"] == max(sms)) for r in rows]
+        bars = ax3.bar([j + 0.15 for j in range(len(rows))], uva_slow, 0.3, color="#8c564b",
+                       label=f"uva, {max(sms)} SMs")
+        label_bars(ax3, bars, "{:.2f}x", 8)
+        slow = slow + uva_slow
+        ax3.legend(fontsize=7.5, loc="lower right")
     ax3.axhline(1.0, color="black", lw=1)
     ax3.set_xticks(range(len(rows)))
     ax3.set_xticklabels([str(r["tokens"]) for r in rows])
@@ -313,16 +325,23 @@ def engine_label(run: dict, max_len: int) -> str:
     return lab
 
 
-def plot_e2e(results: Path, tag: str, title_suffix: str) -> None:
-    d = load(results, f"e2e-smoke-{tag}.json")
+def plot_e2e(results: Path, tag: str, title_suffix: str, name: str = "e2e-smoke") -> None:
+    d = load(results, f"{name}-{tag}.json")
     if d is None:
         return
+    eager = d.get("eager", True)
     runs = [r for r in d["runs"] if "error" not in r]
     labels = [engine_label(r, d["input_len"] + d["output_len"]) for r in runs]
     colors = ["tab:red", "tab:blue", "tab:green", "tab:purple"][: len(runs)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.8))
-    for ax, key, unit, fmt in ((ax1, "decode_ms_per_step", "decode time per step (ms)", "{:.1f} ms"),
-                               (ax2, "prefill_only_s", "prefill-only pass wall time (s)", "{:.2f} s")):
+    panels = [("decode_ms_per_step", "decode time per step (ms)", "{:.1f} ms"),
+              ("prefill_only_s", "prefill-only pass wall time (s)", "{:.2f} s")]
+    if "long_prefill_s" in runs[0]:
+        panels.append(("long_prefill_s", f"{d['long_prompts']} prefills of {d['long_len']} tokens (s)", "{:.2f} s"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.8))
+    ax1, ax2 = axes[0], axes[1]
+    if len(panels) == 3:
+        axes[2].set_title(f"Long prompts: {d['long_prompts']} x {d['long_len']} tokens, max_tokens=1", fontsize=9)
+    for ax, (key, unit, fmt) in zip(axes, panels):
         vals = [r[key] for r in runs]
         bars = ax.bar(range(len(runs)), vals, color=colors)
         label_bars(ax, bars, fmt, 8)
@@ -340,13 +359,19 @@ def plot_e2e(results: Path, tag: str, title_suffix: str) -> None:
         ax.set_ylim(0, max(vals) * 1.15)
     ax1.set_title("Decode: (prefill+decode - prefill-only) / (output_len - 1)", fontsize=9)
     ax2.set_title(f"Prefill of {d['prompts']} prompts x {d['input_len']} tokens (max_tokens=1)", fontsize=9)
-    fig.text(0.01, 0.005, "All four engines ran with enforce_eager=True. The engine log shows Triton JIT compiles "
-             "of the "
-             "sparse decode kernels during the timed prefill+decode pass of every sparseserve engine,\nso their decode "
-             "ms/step include one-time compile time (see results/README.md).", fontsize=7.5, style="italic")
-    fig.suptitle(f"vLLM 0.26 end-to-end smoke, {d['model']} shape, dummy weights, eager mode (no CUDA graphs), "
+    if eager:
+        note = ("All four engines ran with enforce_eager=True. The engine log shows Triton JIT compiles of the sparse "
+                "decode kernels during the timed prefill+decode pass of every sparseserve engine,\nso their decode "
+                "ms/step include one-time compile time (see results/README.md).")
+        mode = "eager mode (no CUDA graphs)"
+    else:
+        note = ("Every engine: -O0 (no torch.compile) with full CUDA graphs for decode batches (FULL_DECODE_ONLY); "
+                "offload declares no CUDA-graph support, so vLLM ran that engine without graphs.")
+        mode = "full decode CUDA graphs"
+    fig.text(0.01, 0.005, note, fontsize=7.5, style="italic")
+    fig.suptitle(f"vLLM 0.26 end-to-end smoke, {d['model']} shape, dummy weights, {mode}, "
                  f"{d['prompts']} x {d['input_len']} in / {d['output_len']} out: {title_suffix}", fontsize=10)
-    save(fig, results / f"e2e-smoke-{tag}.png", bottom=0.05)
+    save(fig, results / f"{name}-{tag}.png", bottom=0.05)
 
 
 # ---- page cache ---------------------------------------------------------------------------------------------------
@@ -394,6 +419,8 @@ def main() -> None:
     suffix = f"{a.machine}, {a.date}"
     for fn in (plot_decode, plot_decode_shapes, plot_h2d, plot_d2h, plot_e2e, plot_page_cache):
         fn(results, tag, suffix)
+    plot_d2h(results, f"uva-{tag}", suffix)
+    plot_e2e(results, tag, suffix, name="e2e-smoke-graphs")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ class SparseServeConfig:
     """HBM page cache with `offload` on (GiB)."""
     working_set_window: int = 12
     """Decode steps whose selections form a request's working set."""
+    batch_control: bool = True
+    """With `offload`: admit decode requests while their working sets fit the HBM cache (false: vLLM's own
+    admission, which lets the cache thrash; for comparison)."""
     max_inject_tokens: int = 65536
     """Layer-segmented prefill work per step, in token x layer units."""
     stats_interval_s: float = 10.0
@@ -62,6 +65,7 @@ class SparseServeConfig:
         "host_kv_gib": "a number > 0 (required when offload is true)",
         "hbm_cache_gib": "a number > 0 (required when offload is true)",
         "working_set_window": "an integer >= 1",
+        "batch_control": "true or false",
         "max_inject_tokens": "an integer >= 1",
         "stats_interval_s": "a number >= 0",
     }
@@ -90,6 +94,10 @@ class SparseServeConfig:
             self._fail("max_inject_tokens", self.max_inject_tokens)
         if self.stats_interval_s < 0 or not math.isfinite(self.stats_interval_s):
             self._fail("stats_interval_s", self.stats_interval_s)
+        if not self.batch_control and not self.offload:
+            raise SparseServeConfigError(
+                "sparseserve: batch_control is only used when offload is true; set offload to true or remove "
+                "batch_control")
         for name in ("host_kv_gib", "hbm_cache_gib"):
             v = getattr(self, name)
             if v is not None and (not math.isfinite(v) or v <= 0):

@@ -16,9 +16,9 @@ def test_defaults_and_absent_key():
 
 def test_all_keys_accepted():
     cfg = parse(token_budget=1024, page_size=16, selector="quest", sink_pages=1, recent_pages=3, dense_layers=2,
-                offload=True, host_kv_gib=8, hbm_cache_gib=2.5, working_set_window=4, max_inject_tokens=4096,
-                stats_interval_s=0)
-    assert cfg.page_size == 16 and cfg.offload and cfg.hbm_cache_gib == 2.5
+                offload=True, host_kv_gib=8, hbm_cache_gib=2.5, working_set_window=4, batch_control=False,
+                max_inject_tokens=4096, stats_interval_s=0)
+    assert cfg.page_size == 16 and cfg.offload and cfg.hbm_cache_gib == 2.5 and not cfg.batch_control
 
 
 @pytest.mark.parametrize(
@@ -43,6 +43,8 @@ def test_all_keys_accepted():
         ({"offload": True, "host_kv_gib": 4, "hbm_cache_gib": 0}, ["hbm_cache_gib", "> 0"]),
         ({"hbm_cache_gib": 1.0}, ["hbm_cache_gib", "offload"]),
         ({"working_set_window": 0}, ["working_set_window", ">= 1"]),
+        ({"batch_control": False}, ["batch_control", "offload"]),
+        ({"batch_control": 0}, ["batch_control", "bool"]),
         ({"max_inject_tokens": 0}, ["max_inject_tokens", ">= 1"]),
         ({"stats_interval_s": -1}, ["stats_interval_s", ">= 0"]),
         ({"selector": None}, ["selector", "str"]),

@@ -9,7 +9,10 @@ Contract:
 - Batches are reordered decode-first (`reorder_batch_threshold = 1`). Decode rows of sparse layers run
   score -> top-k (per KV head) -> attend over the chosen pages; prefill rows and the first `dense_layers` layers
   run dense attention: vLLM's FlashAttention (FA3 on Hopper) on CUDA, `kernels.paged_dense_torch` on CPU.
-- CUDA graphs: NEVER is declared (vLLM then uses PIECEWISE graphs and runs attention eagerly).
+- CUDA graphs: without offload, UNIFORM_SINGLE_TOKEN_DECODE: pure decode batches run inside vLLM's full CUDA
+  graphs (the builder keeps every per-step input in persistent buffers, the runtime's wrapper is planned once for
+  the largest batch and context, and padded rows (seq_len 0) attend to nothing); other batches run under
+  piecewise graphs. With offload (host syncs in the page cache), NEVER: piecewise graphs, attention eager.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 
 class SparseServeBackend(AttentionBackend):
@@ -96,53 +98,98 @@ class SparseServeMetadata:
     query_start_loc_cpu: torch.Tensor
     seq_lens_cpu: torch.Tensor
     block_table: torch.Tensor
-    # Host-side counts of one sparse decode layer-step (for statistics; no device sync).
-    pages_scored: int
-    pages_selected: int
-    tokens_attended: int
     # Flat page slots (all KV heads) of the pages this step fills: their metadata is written after the KV write.
+    # -1 entries are padding (a fixed-size persistent buffer for decode-only batches on CUDA).
     summarize_slots: torch.Tensor
     # vLLM FlashAttention metadata (CUDA only): prefill rows, and the whole batch for dense layers.
     fa_prefill: Any = None
     fa_all: Any = None
 
 
+def split_decodes(cm: CommonAttentionMetadata) -> tuple[int, int]:
+    """(num_decodes, num_decode_tokens): the leading rows with one query token that are not prompt chunks.
+
+    Rows from the first prefill on (query length > 1, or flagged `is_prefilling`) are prefills. Padded rows of a
+    full-CUDA-graph batch (query length 0, beyond `is_prefilling`'s length) count as decodes.
+    """
+    qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+    qlens = qsl[1:] - qsl[:-1]
+    is_prefill = qlens > 1
+    if cm.is_prefilling is not None:
+        n = min(cm.is_prefilling.shape[0], cm.num_reqs)
+        is_prefill[:n] |= cm.is_prefilling[:n].to(torch.bool) & (qlens[:n] > 0)
+    if not bool(is_prefill.any()):
+        return cm.num_reqs, cm.num_actual_tokens
+    first = int(is_prefill.to(torch.int8).argmax())
+    return first, int(qsl[first])
+
+
 class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
     reorder_batch_threshold: int | None = 1
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        from sparseserve_vllm.adapter.config_access import sparseserve_config
+
+        if sparseserve_config(vllm_config).offload:
+            return AttentionCGSupport.NEVER
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         from sparseserve_vllm.adapter.runtime import get_runtime
 
-        self.runtime = get_runtime(vllm_config)
-        self.runtime.bind_geometry(
+        rt = self.runtime = get_runtime(vllm_config)
+        rt.bind_geometry(
             block_size=kv_cache_spec.block_size,
             num_kv_heads=kv_cache_spec.num_kv_heads,
             head_size=kv_cache_spec.head_size,
             num_layers=len(layer_names),
         )
+        self.num_sparse_layers = len(layer_names) - rt.cfg.dense_layers
+        sched, comp = vllm_config.scheduler_config, vllm_config.compilation_config
+        max_batch = max(sched.max_num_seqs, comp.max_cudagraph_capture_size or 0)
+        max_pages = -(-vllm_config.model_config.max_model_len // rt.cfg.page_size)
+        rt.make_wrapper(
+            num_qo_heads=vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config),
+            dtype=kv_cache_spec.dtype, device=device, max_batch=max_batch, max_pages=max_pages,
+        )
+        # Decode-only batches: each request completes at most one page per KV head per step.
+        self._decode_summaries = torch.full((max_batch * kv_cache_spec.num_kv_heads,), -1, dtype=torch.long,
+                                            device=device)
+        self._capturing = False
         self._fa_builder = None
         if device.type == "cuda":
             from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
 
             self._fa_builder = FlashAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
 
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> SparseServeMetadata:
+        self._capturing = True
+        try:
+            return self.build(0, common_attn_metadata)
+        finally:
+            self._capturing = False
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False, **kwargs) -> SparseServeMetadata:
-        cm = common_attn_metadata
-        nd, npf, ndt, _ = split_decodes_and_prefills(
-            cm, decode_threshold=1, treat_short_extends_as_decodes=cm.is_prefilling is None
-        )
+        cm, rt = common_attn_metadata, self.runtime
+        nd, ndt = (cm.num_reqs, cm.num_actual_tokens) if self._capturing else split_decodes(cm)
+        npf = cm.num_reqs - nd
         qsl_cpu = cm.query_start_loc_cpu[: cm.num_reqs + 1]
         seq_lens_cpu = (
             cm.seq_lens_cpu_upper_bound[: cm.num_reqs]
             if cm.seq_lens_cpu_upper_bound is not None
             else cm.seq_lens[: cm.num_reqs].cpu()
         )
-        scored, selected, attended = self.runtime.decode_counts(seq_lens_cpu[:nd])
-        self.runtime.plan_decode(nd, cm.block_table_tensor.shape[1])
-        if self.runtime.cfg.offload:
-            self.runtime.note_decode_rows(cm.block_table_tensor[:nd], seq_lens_cpu[:nd])
+        summarize = rt.filled_page_slots(qsl_cpu, seq_lens_cpu, cm.block_table_tensor)
+        if not self._capturing:
+            self._count(nd, ndt, cm.num_actual_tokens, seq_lens_cpu[:nd], summarize.numel())
+        if npf == 0 and self.device.type == "cuda" and not rt.cfg.offload:  # full CUDA graphs may replay it
+            self._decode_summaries[summarize.numel():].fill_(-1)
+            self._decode_summaries[: summarize.numel()].copy_(summarize)
+            summarize = self._decode_summaries
+        if rt.cfg.offload:
+            rt.note_decode_rows(cm.block_table_tensor[:nd], seq_lens_cpu[:nd])
         md = SparseServeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             slot_mapping=cm.slot_mapping,
@@ -157,13 +204,12 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
             query_start_loc_cpu=qsl_cpu,
             seq_lens_cpu=seq_lens_cpu,
             block_table=cm.block_table_tensor[: cm.num_reqs],
-            pages_scored=scored,
-            pages_selected=selected,
-            tokens_attended=attended,
-            summarize_slots=self.runtime.filled_page_slots(qsl_cpu, seq_lens_cpu, cm.block_table_tensor),
+            summarize_slots=summarize,
         )
         if self._fa_builder is not None:
-            md.fa_all = self._fa_builder.build(common_prefix_len, cm, fast_build)
+            if rt.cfg.dense_layers:
+                md.fa_all = (self._fa_builder.build_for_cudagraph_capture(cm) if self._capturing
+                             else self._fa_builder.build(common_prefix_len, cm, fast_build))
             if npf:
                 from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 
@@ -172,3 +218,14 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
                 )
                 md.fa_prefill = self._fa_builder.build(0, sliced, fast_build)
         return md
+
+    def _count(self, nd: int, ndt: int, num_tokens: int, decode_lens_cpu: torch.Tensor, summarized: int) -> None:
+        """Statistics of the step (host side, so they count steps that replay a CUDA graph too)."""
+        rt, layers, sparse = self.runtime, self.num_sparse_layers + self.runtime.cfg.dense_layers, self.num_sparse_layers
+        amounts = {"pages_summarized": summarized * layers,
+                   "dense_tokens": (num_tokens - ndt) * layers + ndt * rt.cfg.dense_layers}
+        if nd and sparse:
+            scored, selected, attended = rt.decode_counts(decode_lens_cpu)
+            amounts.update(decode_steps=sparse, decode_queries=int((decode_lens_cpu > 0).sum()) * sparse, pages_scored=scored * sparse,
+                           pages_selected=selected * sparse, tokens_attended=attended * sparse)
+        rt.count(**amounts)

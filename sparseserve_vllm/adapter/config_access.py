@@ -63,6 +63,15 @@ def validate_vllm_config(vllm_config) -> None:
         block_size=cache.block_size if cache.user_specified_block_size else None,
         num_layers=vllm_config.model_config.get_num_layers(vllm_config.parallel_config),
     )
+    from sparseserve_vllm.kernels.page_topk import MAX_SELECT_PAGES
+
+    max_len = vllm_config.model_config.max_model_len
+    if max_len > MAX_SELECT_PAGES * cfg.page_size:
+        raise SparseServeConfigError(
+            f"sparseserve: max_model_len={max_len} is more than {MAX_SELECT_PAGES} pages of page_size={cfg.page_size} "
+            f"tokens; allowed: max_model_len <= {MAX_SELECT_PAGES * cfg.page_size} (raise page_size or lower "
+            f"max_model_len)"
+        )
     if cfg.offload:
         from sparseserve_vllm.core.host_kv import PINNABLE_FRACTION, max_pinnable_bytes
 

@@ -8,7 +8,8 @@ Contract of `forward(layer, query, key, value, kv_cache, attn_metadata, output)`
 4. prefill rows, and every row of the first `dense_layers` layers: exact dense causal attention
    (vLLM's FlashAttention on CUDA, `kernels.paged_dense_torch` on CPU).
 With `offload` on, `kv_cache` is the HBM page pool that every layer shares and the runtime's `OffloadTier` holds
-the KV: step 1 saves the new tokens to host DRAM (FlashD2H) and writes them through into cached pages, step 3
+the KV: step 1 writes the new tokens through into cached pages (and, after step 4, saves them to host DRAM with
+FlashD2H), step 3
 resolves the selected pages to cache slots (misses loaded by FlashH2D) before attending and records them in the
 runtime's working-set tracker, and dense rows gather their request's context of this layer from host DRAM into a
 scratch buffer.
@@ -100,28 +101,17 @@ class SparseServeImpl(AttentionImpl):
         meta = rt.page_meta(self._layer_idx, kv_cache)
         if md.summarize_slots.numel():
             build_page_metadata(kv_pages, meta, md.summarize_slots, selector=rt.cfg.selector)
-            rt.count(pages_summarized=md.summarize_slots.numel())
 
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if self._layer_idx < rt.cfg.dense_layers:
             self._dense(layer, query, key, value, kv_cache, md, q, out, 0, n, whole=True)
-            rt.count(dense_tokens=n)
             return output
         nd = md.num_decodes
         if nd:
-            wrapper = rt.wrapper_for(self.num_heads, q.dtype, q.device)
-            wrapper.run(q[:nd], kv_pages, meta, md.decode_block_table, md.decode_seq_lens, self.scale, out[:nd])
-            rt.count(
-                decode_steps=1,
-                decode_queries=nd,
-                pages_scored=md.pages_scored,
-                pages_selected=md.pages_selected,
-                tokens_attended=md.tokens_attended,
-            )
+            rt.wrapper.run(q[:nd], kv_pages, meta, md.decode_block_table, md.decode_seq_lens, self.scale, out[:nd])
         if md.num_prefills:
             self._dense(layer, query, key, value, kv_cache, md, q, out, md.num_decode_tokens, n, whole=False)
-            rt.count(dense_tokens=n - md.num_decode_tokens)
         return output
 
     def _forward_offload(self, layer, query, key, value, kv_cache, md, output):
@@ -129,21 +119,19 @@ class SparseServeImpl(AttentionImpl):
         tier = rt.tier_for(kv_cache)
         tier.begin_layer()
         slot_mapping = md.slot_mapping[:n]
-        tier.save(li, key, value, slot_mapping)
         tier.write_new(li, key, value, slot_mapping)
         meta = rt.page_meta(li, kv_cache)
         if md.summarize_slots.numel():
-            cached = tier.resolve(li, md.summarize_slots).to(torch.long)
+            cached = tier.resident_slots(li, md.summarize_slots).to(torch.long)
             fresh = torch.empty((cached.numel(),) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
             idx = torch.arange(cached.numel(), device=meta.device)
             build_page_metadata(tier.cache_pages[cached], fresh, idx, selector=rt.cfg.selector)
             meta[md.summarize_slots] = fresh
-            rt.count(pages_summarized=md.summarize_slots.numel())
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if li < rt.cfg.dense_layers:
             self._dense_from_host(tier, q, key, value, out, md.query_start_loc_cpu, md.seq_lens_cpu, md.block_table, 0)
-            rt.count(dense_tokens=n)
+            tier.save(li, key, value, slot_mapping)
             return output
         nd = md.num_decodes
         if nd:
@@ -151,16 +139,14 @@ class SparseServeImpl(AttentionImpl):
                 flat = torch.where(lens > 0, slots, -1).reshape(-1)
                 return tier.resolve(li, flat).view(slots.shape).clamp_min(0)
 
-            wrapper = rt.wrapper_for(self.num_heads, q.dtype, q.device)
+            wrapper = rt.wrapper
             wrapper.run(q[:nd], tier.cache_pages, meta, md.decode_block_table, md.decode_seq_lens, self.scale,
                         out[:nd], translate=to_cache_slots)
             rt.record_selection(li, wrapper.last_slots, wrapper.last_page_lens)
-            rt.count(decode_steps=1, decode_queries=nd, pages_scored=md.pages_scored,
-                     pages_selected=md.pages_selected, tokens_attended=md.tokens_attended)
         if md.num_prefills:
             self._dense_from_host(tier, q, key, value, out, md.prefill_query_start_loc_cpu, md.prefill_seq_lens_cpu,
                                   md.prefill_block_table, md.num_decode_tokens)
-            rt.count(dense_tokens=n - md.num_decode_tokens)
+        tier.save(li, key, value, slot_mapping)  # last: the loads above wait only for earlier layers' saves
         return output
 
     def _dense_from_host(self, tier, q, key, value, out, query_start_loc, seq_lens, block_table, offset: int) -> None:

@@ -4,8 +4,10 @@ Contract:
 - One runtime per worker process (`get_runtime`); it owns the parsed `SparseServeConfig`, the KV geometry, one
   `SparseDecodeWrapper` whose buffers every layer reuses (layers run one after another), the page metadata tensor
   of each layer, the `OffloadTier` when `offload` is on, and the statistics counters.
-- The builder calls `decode_counts` / `filled_page_slots` / `plan_decode` once per step (host side); impls call
-  `wrapper_for` / `page_meta` / `count` from `forward`.
+- The builder makes the wrapper once (`make_wrapper`, planned for the largest batch and context, so its buffers
+  never move and CUDA graphs captured over them stay valid) and calls `decode_counts` / `filled_page_slots` /
+  `count` once per step (host side: with full CUDA graphs the impls' Python does not run at replay); impls use
+  `wrapper` / `page_meta` from `forward`.
 - Offload also keeps a `WorkingSetTracker` (window `working_set_window`): impls `record_selection` the logical
   pages each sparse decode layer selected, the builder `note_decode_rows` (block table rows and lengths of the
   step's decode requests), and once per step, after the forward, the connector asks `working_set_report()`:
@@ -50,8 +52,6 @@ class SparseRuntime:
         self.block_size: int | None = None
         self.ppb = 0
         self.wrapper = None
-        self._planned: tuple[int, int] | None = None
-        self._wanted: tuple[int, int] = (0, 0)
         self._meta: dict[int, torch.Tensor] = {}
         self.ws_tracker = None  # offload: WorkingSetTracker, made with the tier
         self._ws_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (first block ids [R], owned pages [R, P])
@@ -109,9 +109,6 @@ class SparseRuntime:
         flat = (blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.ppb + (page_d % self.ppb)[:, None]
         return flat.reshape(-1)
 
-    def plan_decode(self, num_decodes: int, max_blocks: int) -> None:
-        self._wanted = (num_decodes, max_blocks * self.ppb)
-
     def _publish_loop(self) -> None:
         """Publish changed counters twice a second; log the summary line every `stats_interval_s`."""
         published: dict[str, int] = {}
@@ -130,28 +127,19 @@ class SparseRuntime:
                 if values["decode_steps"]:
                     logger.info("%s", stats.format_line(stats.read_totals(self._stats_dir)))
 
-    # ---- per layer (impl.forward) ----
-    def wrapper_for(self, num_heads: int, dtype: torch.dtype, device: torch.device):
+    def make_wrapper(self, *, num_qo_heads: int, dtype: torch.dtype, device: torch.device, max_batch: int,
+                     max_pages: int):
+        """The process's `SparseDecodeWrapper`, planned once for `max_batch` decode requests of `max_pages` pages."""
         if self.wrapper is None:
             from sparseserve_vllm.kernels import SparseDecodeWrapper
 
             c = self.cfg
             self.wrapper = SparseDecodeWrapper(
-                num_qo_heads=num_heads,
-                num_kv_heads=self.num_kv_heads,
-                head_dim=self.head_size,
-                page_size=c.page_size,
-                ppb=self.ppb,
-                selector=c.selector,
-                token_budget=c.token_budget,
-                sink_pages=c.sink_pages,
-                recent_pages=c.recent_pages,
-                device=device,
-                dtype=dtype,
+                num_qo_heads=num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
+                page_size=c.page_size, ppb=self.ppb, selector=c.selector, token_budget=c.token_budget,
+                sink_pages=c.sink_pages, recent_pages=c.recent_pages, device=device, dtype=dtype,
             )
-        if self._planned != self._wanted:
-            self.wrapper.plan(*self._wanted)
-            self._planned = self._wanted
+            self.wrapper.plan(max_batch, max_pages)
         return self.wrapper
 
     def set_logical_blocks(self, num_blocks: int) -> None:

@@ -181,7 +181,9 @@ class WorkingSetScheduler(Scheduler):
                 break
             budget -= n
             waiting.append(self._prefill_bytes(req.num_computed_tokens, n))
-        return plan_step(running, waiting, self._capacity, self._controller)
+        # batch_control false: every running decode request fits (vLLM's own admission; the cache may thrash).
+        capacity = self._capacity if self._cfg.batch_control else 2**62
+        return plan_step(running, waiting, capacity, self._controller)
 
     # ---------------- reports from the workers ----------------
     def _absorb_reports(self) -> None:

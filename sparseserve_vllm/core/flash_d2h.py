@@ -1,46 +1,47 @@
-"""FlashD2H: save each step's new KV into the host store with one contiguous copy plus CPU-thread scatter.
+"""FlashD2H: save each step's new KV from where it is computed into the host store, off the forward pass.
 
 Contract:
-- `FlashD2HSaver(host, max_tokens, num_threads, *, staging_tokens=2*max_tokens, device=None)` saves into
-  `host.kv` (a `HostKVStore`); `device` is where the new KV lives (default: the current CUDA device when the
-  host store is pinned, else the CPU). `max_tokens`: the most tokens staged as one part (a larger save is cut
-  into parts of `max_tokens`). `staging_tokens`: the capacity of the staging ring, at least `max_tokens`.
+- `FlashD2HSaver(host, max_tokens, num_threads=4, *, staging_tokens=2*max_tokens, device=None, mode=None,
+  num_sms=16)` saves into `host.kv` (a `HostKVStore`). `device`: where the new KV lives (default: the current
+  CUDA device when the store is pinned, else the CPU). `mode`: "uva" (the default on a CUDA device, which it
+  needs) or "staged" (the default and only mode on the CPU). `max_tokens`: the most tokens staged as one part (a
+  larger save is cut into parts). `staging_tokens` (>= max_tokens): the staging ring's rows. `num_threads`:
+  staged mode's scatter threads; `num_sms`: uva mode's scatter programs (the SMs it may take from compute).
 - `save(layer, key, value, slot_mapping)`: `slot_mapping` is 1-D int32/int64 `[T]` of LOGICAL slot ids
   `block * block_size + offset` (`-1` = padding, skipped), on `device` or on the CPU. `key`, `value` are
   `[>= T, Hkv, D]` of the host store's dtype on `device` (rows past T are ignored, as vLLM's padded batches
-  have); or `value=None` and `key` is the packed `[>= T, Hkv, 2D]` (K then V per head). After the save is
+  have); or `value=None` and `key` is the packed `[>= T, Hkv, 2D]` (K then V per head). Once the save is
   complete, for every token t with `slot_mapping[t] = s >= 0`:
   `host.kv[layer, s // block_size, h, s % block_size] == cat(key[t, h], value[t, h])` for every head h.
   Slot ids must be unique within one save (vLLM's are); between saves the later save of a slot wins.
-- Mechanism. Each save (or each `max_tokens` part of a larger one) takes the next n rows of the staging ring:
-  1. On the caller's (compute) stream, ONE device op packs its tokens into the ring's device half
-     `[n, Hkv, 2D]` (`torch.cat` of K and V, or a copy of packed KV) and a small copy takes the slot ids.
-     Packing on the compute stream consumes the caller's tensors in stream order, so their memory (a CUDA-graph
-     pool or the caching allocator) may be reused right after `save` returns; it costs one memory-bound kernel
-     of 2x the bytes at HBM speed.
-  2. Consecutive saves are committed together as one *piece* (a contiguous run of ring rows) once they reach
-     4 MiB, when a layer repeats (a new step began), when the ring wraps, or at `flush()`: a side CUDA stream
-     waits for the packing ops only, copies the piece's rows and slot ids into the ring's pinned host half with
-     two contiguous `non_blocking` D2H copies and records an event (blocking-sync, so threads that wait for it
-     sleep instead of spinning). Batching keeps the per-layer cost of small (decode) saves to the two packing
-     ops; large (prefill) saves are committed one by one.
-  3. Worker threads (a pool of `num_threads`) wait for the event and scatter the staged rows into
-     `host.kv[layer, block, h, offset, :]` with numpy fancy-index assignment of whole `2D`-element rows, which
-     runs at memcpy speed and releases the GIL. A piece is split across up to `num_threads` tasks (at least
-     1 MiB each). A piece's tasks wait for the previous pieces holding any of its layers, and a piece holds a
-     layer at most once, so saves land in order.
-  Nothing on the compute stream ever waits for the side stream or the scatter; the forward pass only pays
-  step 1 (and step 2's few calls per piece), and a `save` blocks on the CPU only when the ring is full
-  (bounded staging): it then waits for the oldest pieces to be scattered. Size the ring for two layers of a
-  full step to keep that rare.
-  On the CPU (no CUDA) step 1 packs straight into the ring's host half and step 2 only submits the tasks.
-  `save` is host-side work and cannot be captured in a CUDA graph: call it where the forward runs eagerly
-  (vLLM's piecewise CUDA graphs leave the attention layer, which calls it, outside the graphs).
-- `flush()` (alias `wait_all()`) commits and blocks until every save is in the host store, and re-raises the
-  first error of a scatter task (e.g. a slot id beyond the store). Until then a save may still sit in the
-  ring, so call it before reading host pages saved since the last flush (FlashH2D of a page written this
-  step). `close()` flushes and stops the threads.
-- Memory: pinned host `staging_tokens * (Hkv*2D*itemsize + 8)` bytes; on CUDA the same amount of HBM.
+  `save` is host-side work, not capturable in a CUDA graph: call it where the forward runs eagerly (vLLM's
+  piecewise CUDA graphs leave the attention layer, which calls it, outside the graphs).
+- Mechanism. Each save (or part) takes the next n rows of a staging ring:
+  1. On the caller's (compute) stream, ONE op packs its tokens into the ring `[n, Hkv, 2D]` (`torch.cat` of K
+     and V, or a copy of packed KV), one copies the slot ids (uva: and one fills the rows' layer). This consumes
+     the caller's tensors in stream order, so their memory (a CUDA-graph pool, the caching allocator) may be
+     reused right after `save` returns.
+  2. Consecutive saves are committed as one *piece* (a contiguous run of ring rows) once they reach 4 MiB, when
+     a layer repeats (a new step began), when the ring wraps, or at `flush()`. A side CUDA stream waits for the
+     packing ops, then
+     uva: launches the FlashD2H scatter kernel (`kernels.flash_d2h_scatter`, at most `num_sms` programs): the
+       GPU writes the piece's rows straight into `host.kv` through UVA; an event marks the piece done.
+     staged: copies the piece's rows and slot ids into a pinned host copy of the ring (two contiguous D2H
+       copies) and records an event; `num_threads` worker threads wait for it and scatter the rows into `host.kv` with
+       numpy fancy-index assignment (tasks of >= 1 MiB; a piece's tasks wait for the previous pieces holding
+       any of its layers, and a piece holds a layer at most once, so saves land in order).
+     On the CPU (staged only) step 1 packs straight into the host ring and step 2 only submits the tasks.
+  Ring rows are reused only after the piece that read them is done: uva makes the compute stream wait for its
+  event (a GPU-side wait; the host never blocks); staged blocks `save` on the host until its tasks finished.
+  Size the ring for two layers of a full step so that neither wait ever finds the piece still running.
+- `flush()` commits, then makes every save so far visible to work the caller queues next on its current stream
+  (a FlashH2D load of a page saved this step): uva only enqueues a wait of that stream for the side stream;
+  staged blocks until the scatter tasks finished (and re-raises a task's error).
+- `wait_all()` blocks until every save is in `host.kv` (call it before the host reads the store) and raises
+  `ValueError` for slot ids beyond the store (uva: the kernel skipped and counted those tokens; staged: a task's
+  error). `close()` waits for all and stops the threads; idempotent. Slot ids on the CPU are checked in `save`.
+- Memory: uva: `staging_tokens * (Hkv*2D*itemsize + 12)` bytes of HBM. staged: `staging_tokens *
+  (Hkv*2D*itemsize + 8)` bytes of pinned host memory (plain host memory on the CPU), on CUDA as much HBM.
 - Not here: the write-through of new tokens into HBM cache slots (paper Fig. 7). The attention layer needs
   those tokens in HBM on the compute stream before its attention kernel of this very step, so it belongs to
   the caller's KV-cache update (vLLM's `do_kv_cache_update`), which knows the slots the HBM cache gave them.
@@ -55,8 +56,11 @@ import numpy as np
 import torch
 
 from sparseserve_vllm.core.host_kv import HostKVStore
+from sparseserve_vllm.kernels.flash_d2h_scatter import FlashD2HScatter
 
-__all__ = ["FlashD2HSaver"]
+__all__ = ["FlashD2HSaver", "MODES"]
+
+MODES = ("uva", "staged")
 
 _MIN_TASK_BYTES = 1 << 20
 _CPU = torch.device("cpu")
@@ -64,12 +68,12 @@ _COMMIT_BYTES = 4 << 20
 
 
 class _Piece:
-    """One staged piece: ring rows [start, start + n), its scatter tasks and (on CUDA) its D2H-done event."""
+    """One committed piece: ring rows [start, start + n), its event (CUDA) and its scatter tasks (staged)."""
 
-    __slots__ = ("start", "n", "futures", "copied")
+    __slots__ = ("start", "n", "event", "futures")
 
-    def __init__(self, start: int, n: int, copied):
-        self.start, self.n, self.copied = start, n, copied
+    def __init__(self, start: int, n: int, event):
+        self.start, self.n, self.event = start, n, event
         self.futures: list[Future] = []
 
 
@@ -84,12 +88,15 @@ class FlashD2HSaver:
         *,
         staging_tokens: int | None = None,
         device: torch.device | str | None = None,
+        mode: str | None = None,
+        num_sms: int = 16,
     ):
         if not isinstance(host, HostKVStore):
             raise ValueError(f"host must be a HostKVStore, got {type(host).__name__}")
         if staging_tokens is None and isinstance(max_tokens, int):
             staging_tokens = 2 * max_tokens
-        for name, value in (("max_tokens", max_tokens), ("num_threads", num_threads), ("staging_tokens", staging_tokens)):
+        for name, value in (("max_tokens", max_tokens), ("num_threads", num_threads),
+                            ("staging_tokens", staging_tokens), ("num_sms", num_sms)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if staging_tokens < max_tokens:
@@ -103,36 +110,48 @@ class FlashD2HSaver:
             raise ValueError(f"device must be the CPU or a CUDA device, got {device}")
         if device.type == "cuda" and not host.pin:
             raise ValueError("device is a GPU but the host store is not pinned: build it with pin=True")
+        if mode is None:
+            mode = "uva" if device.type == "cuda" else "staged"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} (or None: uva on a CUDA device, else staged), got {mode!r}")
+        if mode == "uva" and device.type != "cuda":
+            raise ValueError(f"mode 'uva' needs a CUDA device (the GPU writes the host store), got device {device}")
         self.host = host
         self.max_tokens = max_tokens
         self.staging_tokens = staging_tokens
         self.num_threads = num_threads
         self.device = device
+        self.mode = mode
         self._capacity = host.num_logical_blocks * host.block_size
         h, d2 = host.num_kv_heads, 2 * host.head_dim
-        row = np.dtype((np.void, d2 * host.kv.element_size()))
-        # numpy aliases: store [((layer * blocks + block) * Hkv + head) * block_size + offset] -> one 2D-element
-        # row; ring [token, head] -> one row
-        self._host_rows = host.kv.view(torch.uint8).numpy().view(row).reshape(-1)
-        self._heads = np.arange(h, dtype=np.int64)
-        self._kv = torch.empty((staging_tokens, h, d2), dtype=host.dtype, pin_memory=host.pin)
-        self._slots = torch.empty((staging_tokens,), dtype=torch.int64, pin_memory=host.pin)
-        self._rows = self._kv.view(torch.uint8).numpy().view(row).reshape(staging_tokens, h)
-        self._slots_np = self._slots.numpy()
+        self._row_bytes = h * d2 * host.kv.element_size()  # ring bytes per token
         if device.type == "cuda":
             self._dev_kv = torch.empty((staging_tokens, h, d2), dtype=host.dtype, device=device)
             self._dev_slots = torch.empty((staging_tokens,), dtype=torch.int64, device=device)
             self._stream = torch.cuda.Stream(device)
         else:
             self._stream = None
-        self._row_bytes = h * row.itemsize  # staged bytes per token
+        if mode == "uva":
+            self._dev_layers = torch.empty((staging_tokens,), dtype=torch.int32, device=device)
+            self._kernel = FlashD2HScatter(num_sms=num_sms).plan(host.kv, device)
+            self._pool = None
+        else:
+            row = np.dtype((np.void, d2 * host.kv.element_size()))
+            # numpy aliases: store [((layer * blocks + block) * Hkv + head) * block_size + offset] -> one
+            # 2D-element row; host ring [token, head] -> one row
+            self._host_rows = host.kv.view(torch.uint8).numpy().view(row).reshape(-1)
+            self._heads = np.arange(h, dtype=np.int64)
+            self._kv = torch.empty((staging_tokens, h, d2), dtype=host.dtype, pin_memory=host.pin)
+            self._slots = torch.empty((staging_tokens,), dtype=torch.int64, pin_memory=host.pin)
+            self._rows = self._kv.view(torch.uint8).numpy().view(row).reshape(staging_tokens, h)
+            self._slots_np = self._slots.numpy()
+            self._last: dict[int, list[Future]] = {}  # layer -> scatter tasks of the last piece holding it
+            self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="flash_d2h")
         self._pending: list[tuple[int, int, int]] = []  # saves staged but not committed: (first row, rows, layer)
         self._pending_rows = 0
         self._free_events: list = []
         self._inflight: deque[_Piece] = deque()  # FIFO = ring order after the head
         self._head = 0
-        self._last: dict[int, list[Future]] = {}
-        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="flash_d2h")
         self._closed = False
 
     # ------------------------------------------------------------------ API
@@ -171,22 +190,35 @@ class FlashD2HSaver:
             self._save_piece(layer, key[a:b], None if value is None else value[a:b], slot_mapping[a:b])
 
     def flush(self) -> None:
-        """Block until every pending save is in the host store; re-raise a scatter task's error."""
+        """Make every save so far visible to work queued next on the current stream (uva: without blocking)."""
+        if self.mode == "staged":
+            self.wait_all()
+            return
+        self._commit()
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+
+    def wait_all(self) -> None:
+        """Block until every save is in the host store; raise `ValueError` for slot ids beyond the store."""
         self._commit()
         while self._inflight:
-            self._retire(self._inflight.popleft())
-
-    wait_all = flush
+            self._retire(self._inflight.popleft(), block=True)
+        if self.mode == "uva":
+            with torch.cuda.stream(self._stream):  # the launches' stream: the compute stream is not synchronized
+                skipped = self._kernel.take_out_of_range()
+            if skipped:
+                raise ValueError(f"slot_mapping must be < {self._capacity} (the store's slots): {skipped} token(s) "
+                                 "saved since the last wait_all() had a larger slot id and were not saved")
 
     def close(self) -> None:
-        """Flush, then stop the worker threads. Idempotent."""
+        """Wait for every save, then stop the worker threads. Idempotent."""
         if self._closed:
             return
         try:
-            self.flush()
+            self.wait_all()
         finally:
             self._closed = True
-            self._pool.shutdown(wait=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def __enter__(self) -> "FlashD2HSaver":
         return self
@@ -196,14 +228,19 @@ class FlashD2HSaver:
 
     # ------------------------------------------------------------- internals
 
-    def _retire(self, piece: _Piece) -> None:
-        """Wait until the piece is scattered (so its ring rows, host and device, are free again)."""
+    def _retire(self, piece: _Piece, block: bool) -> None:
+        """Free the piece's ring rows: after its scatter, for the host (`block`) or for the current stream (uva)."""
         try:
-            for f in piece.futures:
-                f.result()
+            if self.mode == "staged":
+                for f in piece.futures:
+                    f.result()
+            elif block:
+                piece.event.synchronize()  # sleeps (blocking-sync event)
+            else:
+                torch.cuda.current_stream(self.device).wait_event(piece.event)
         finally:
-            if piece.copied is not None:
-                self._free_events.append(piece.copied)
+            if piece.event is not None:
+                self._free_events.append(piece.event)
 
     def _reserve(self, n: int) -> int:
         """Start of n free ring rows, after retiring the oldest pieces that still occupy them."""
@@ -213,63 +250,75 @@ class FlashD2HSaver:
         if self._head + n > self.staging_tokens:  # wrap: the rows past the head stay unused this lap
             self._commit()  # a piece is one contiguous run of rows
             while self._inflight and self._inflight[0].start >= self._head:
-                self._retire(self._inflight.popleft())
+                self._retire(self._inflight.popleft(), block=False)
             self._head = 0
         start, end = self._head, self._head + n
         while self._inflight and self._inflight[0].start < end and start < self._inflight[0].start + self._inflight[0].n:
-            self._retire(self._inflight.popleft())
+            self._retire(self._inflight.popleft(), block=False)
         self._head = end
         return start
 
     def _save_piece(self, layer: int, key: torch.Tensor, value: torch.Tensor | None, slots: torch.Tensor) -> None:
         if any(seg_layer == layer for _, _, seg_layer in self._pending):
-            self._commit()  # one layer at most once per piece, so a piece's tasks never write one slot twice
+            self._commit()  # one layer at most once per piece, so a piece never writes one slot twice
         n = slots.numel()
         s = self._reserve(n)
         rows = slice(s, s + n)
-        on_gpu = self._stream is not None
-        _pack(key, value, (self._dev_kv if on_gpu else self._kv)[rows])  # step 1, on the compute stream
-        (self._dev_slots if on_gpu else self._slots)[rows].copy_(slots)
+        if self._stream is None:  # step 1 on the CPU: straight into the host ring
+            _pack(key, value, self._kv[rows])
+            self._slots[rows].copy_(slots)
+        else:  # step 1, on the compute stream
+            _pack(key, value, self._dev_kv[rows])
+            self._dev_slots[rows].copy_(slots)
+            if self.mode == "uva":
+                self._dev_layers[rows].fill_(layer)
         self._pending.append((s, n, layer))
         self._pending_rows += n
         if self._pending_rows * self._row_bytes >= _COMMIT_BYTES:
             self._commit()
 
     def _commit(self) -> None:
-        """Turn the pending saves (ring rows [start, head)) into one piece: D2H copy, then scatter tasks."""
+        """Turn the pending saves (ring rows [start, head)) into one piece (step 2)."""
         if not self._pending:
             return
         start, n = self._pending[0][0], self._pending_rows
         rows = slice(start, start + n)
-        copied = None
-        if self._stream is not None:  # step 2, on the side stream
+        event = None
+        if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            copied = self._free_events.pop() if self._free_events else torch.cuda.Event(blocking=True)
+            event = self._free_events.pop() if self._free_events else torch.cuda.Event(blocking=True)
             with torch.cuda.stream(self._stream):
-                self._kv[rows].copy_(self._dev_kv[rows], non_blocking=True)
-                self._slots[rows].copy_(self._dev_slots[rows], non_blocking=True)
-                copied.record(self._stream)
-        piece = _Piece(start, n, copied)
+                if self.mode == "uva":
+                    self._kernel.run(self._dev_kv[rows], self._dev_slots[rows], self._dev_layers[rows])
+                else:
+                    self._kv[rows].copy_(self._dev_kv[rows], non_blocking=True)
+                    self._slots[rows].copy_(self._dev_slots[rows], non_blocking=True)
+                event.record(self._stream)
+        piece = _Piece(start, n, event)
+        if self.mode == "staged":
+            self._submit_tasks(piece)
+        self._inflight.append(piece)
+        self._pending = []
+        self._pending_rows = 0
+
+    def _submit_tasks(self, piece: _Piece) -> None:
+        """Staged step 2 on the host: the piece's scatter tasks, after the previous pieces holding its layers."""
         layers = np.repeat(np.array([seg[2] for seg in self._pending], dtype=np.int64), [seg[1] for seg in self._pending])
         touched = {seg[2] for seg in self._pending}
-        # the previous pieces holding any of these layers land first
         deps = list({id(f): f for layer in touched for f in self._last.get(layer, ())}.values())
-        parts = max(1, min(self.num_threads, n * self._row_bytes // _MIN_TASK_BYTES))
-        bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+        parts = max(1, min(self.num_threads, piece.n * self._row_bytes // _MIN_TASK_BYTES))
+        bounds = np.linspace(0, piece.n, parts + 1).astype(np.int64)
         piece.futures = [
-            self._pool.submit(self._scatter, copied, layers, start, int(bounds[i]), int(bounds[i + 1]), deps)
+            self._pool.submit(self._scatter, piece.event, layers, piece.start, int(bounds[i]), int(bounds[i + 1]), deps)
             for i in range(parts)
             if bounds[i + 1] > bounds[i]
         ]
         for layer in touched:
             self._last[layer] = piece.futures
-        self._inflight.append(piece)
-        self._pending = []
-        self._pending_rows = 0
 
     def _scatter(self, copied, layers: np.ndarray, start: int, a: int, b: int, deps: list[Future]) -> None:
-        """Worker: ring rows [start + a, start + b) -> host.kv (step 3); `layers[i]` is ring row start + i's layer."""
-        if copied is not None:
+        """Staged worker: host ring rows [start + a, start + b) -> host.kv; `layers[i]`: ring row start + i's layer."""
+        if copied is not None:  # the piece's D2H copy (CUDA)
             copied.synchronize()  # sleeps (blocking-sync event) with the GIL released
         for f in deps:
             f.result()

@@ -6,11 +6,14 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
   `PageCache` bookkeeping of which (layer, logical flat page) sits in which slot.
 - Per layer and step the caller runs, in this order:
     `begin_layer()`                 pages resolved from now on are protected from eviction until the next call;
-    `save(layer, k, v, slots)`      FlashD2H: new tokens to host DRAM (one copy, then CPU-thread scatter);
     `write_new(layer, k, v, slots)` makes every page that receives a new token resident (loading its older tokens
-                                    from host when it was evicted) and writes the new tokens into it (write-through);
+                                    from host when it was evicted; a page whose first token arrives now loads
+                                    nothing) and writes the new tokens into it (write-through);
+    `resident_slots(layer, pages)`  cache slots of pages `write_new` just made resident (page summaries), no sync;
     `resolve(layer, flat_pages)`    selected pages -> cache slots, missing ones loaded by one FlashH2D launch;
-    `gather_context(...)`           a request's whole context of one layer into a scratch buffer (dense prefill).
+    `gather_context(...)`           a request's whole context of one layer into a scratch buffer (dense prefill);
+    `save(layer, k, v, slots)`      FlashD2H: the new tokens to host DRAM, last, so that the loads above wait
+                                    only for earlier layers' saves.
 - `free_blocks(block_ids)`: finished or aborted requests give their pages' cache slots back.
 - Host data written by `save` becomes visible to loads after `flush()`; `write_new`/`gather_context` flush first
   when they have to load from host, so a load never reads a page older than what this process saved.
@@ -80,8 +83,12 @@ class OffloadTier:
             return
         key, value = key[: slot_mapping.numel()][keep], value[: slot_mapping.numel()][keep]
         pages = self.token_pages(slots_in)  # [T, Hkv]
-        cache_slots = self.resolve(layer, pages.reshape(-1)).view(pages.shape).to(torch.long)
         off = slots_in % self.page_size
+        cache_slots, miss_pages, miss_slots = self.cache.resolve(layer, pages.reshape(-1))
+        if miss_pages.numel():
+            older = ~torch.isin(miss_pages, pages[off == 0].reshape(-1))  # offset 0 now: no older tokens
+            self._load(layer, miss_pages[older], miss_slots[older])
+        cache_slots = cache_slots.view(pages.shape).to(torch.long)
         d = key.shape[-1]
         self.cache_pages[cache_slots, off[:, None], :d] = key.to(self.cache_pages.dtype)
         self.cache_pages[cache_slots, off[:, None], d:] = value.to(self.cache_pages.dtype)
@@ -89,11 +96,20 @@ class OffloadTier:
     def resolve(self, layer: int, flat_pages: torch.Tensor) -> torch.Tensor:
         """Cache slots (int32, -1 for -1 entries) of `flat_pages` of `layer`; misses are loaded from host."""
         slots, miss_pages, miss_slots = self.cache.resolve(layer, flat_pages)
-        if miss_pages.numel():
-            self.flush()
-            flash_h2d(self.host.pages(layer, self.page_size), self.cache_pages, miss_pages, miss_slots, num_sms=self.h2d_sms)
-            self.bytes_h2d += miss_pages.numel() * self.page_bytes
+        self._load(layer, miss_pages, miss_slots)
         return slots
+
+    def _load(self, layer: int, pages: torch.Tensor, slots: torch.Tensor) -> None:
+        """FlashH2D of host `pages` of `layer` into cache `slots`, after every earlier save is visible."""
+        if pages.numel():
+            self.flush()
+            flash_h2d(self.host.pages(layer, self.page_size), self.cache_pages, pages, slots, num_sms=self.h2d_sms)
+            self.bytes_h2d += pages.numel() * self.page_bytes
+
+    def resident_slots(self, layer: int, flat_pages: torch.Tensor) -> torch.Tensor:
+        """Cache slots (int32) of pages known to be resident, e.g. those `write_new` just wrote this layer-step:
+        a lookup without eviction, checks or host sync (-1 for a page that is not cached)."""
+        return self.cache.resident[layer][flat_pages]
 
     def gather_context(self, layer: int, block_ids: torch.Tensor, length: int, key: torch.Tensor | None = None,
                        value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,8 @@ _EXPORTS = {
     "num_meta_vectors": "pages",
     "SELECTOR_NUM_VECTORS": "pages",
     "SparseDecodeWrapper": "decode_plan",
+    "FlashD2HScatter": "flash_d2h_scatter",
+    "flash_d2h_scatter_torch": "flash_d2h_scatter",
 }
 
 __all__ = sorted(_EXPORTS)

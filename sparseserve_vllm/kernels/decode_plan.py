@@ -8,8 +8,9 @@ token_budget=2048, sink_pages=2, recent_pages=2, device="cuda", dtype=torch.bflo
 
 ``plan(batch_size, max_pages, num_splits=None)`` (host side, once per batch shape) allocates every intermediate
 buffer (num_full_pages, scores ``[B, Hkv, max_pages]`` f32, page indices / slots / page lengths
-``[B, Hkv, num_select]`` int32, the split-K workspace and an output buffer) and picks the split-K factor
-(``choose_num_splits`` from the device's SM count unless given).
+``[B, Hkv, num_select]`` int32, the split-K workspace and an output buffer). The split-K factor is ``num_splits``
+when given; otherwise each ``run`` picks ``choose_num_splits(b, ...)`` for its batch size ``b`` from the device's
+SM count (fewer requests, more splits), and the workspace is sized for the largest of those.
 
 ``run(q, kv_pages, meta, block_table, seq_lens, scale, out=None)`` for ``q [b <= batch_size, Hq, D]``,
 ``kv_pages [N, page_size, 2D]`` (flat page view), ``meta [N, M, D]``, ``block_table [>= b, max_blocks]`` with
@@ -80,15 +81,16 @@ class SparseDecodeWrapper:
         for name, v in (("batch_size", batch_size), ("max_pages", max_pages)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                     if self.backend == "triton" and self.device.type == "cuda" else 1)
+        self._auto_splits = num_splits is None
         if num_splits is None:
-            sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
-                   if self.backend == "triton" and self.device.type == "cuda" else 1)
-            num_splits = choose_num_splits(batch_size, self.num_kv_heads, self.num_select, sms)
+            num_splits = choose_num_splits(1, self.num_kv_heads, self.num_select, self._sms)
         if not isinstance(num_splits, int) or num_splits <= 0:
             raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
         dev, hkv, k = self.device, self.num_kv_heads, self.num_select
         self.batch_size, self.max_pages = batch_size, max_pages
-        self.num_splits = min(num_splits, k)
+        self.num_splits = min(num_splits, k)  # the most splits any run uses (the workspace's size)
         self._nfull = torch.zeros(batch_size, dtype=torch.int32, device=dev)
         self._scores = torch.empty((batch_size, hkv, max_pages), dtype=torch.float32, device=dev)
         self._page_idx = torch.full((batch_size, hkv, k), -1, dtype=torch.int32, device=dev)
@@ -130,14 +132,22 @@ class SparseDecodeWrapper:
                      counters=self.counters, backend=self.backend)
         if translate is not None:  # e.g. logical page slots -> HBM page-cache slots (offload); not graph-capturable
             slots = translate(slots, lens)
+        splits = self.splits_for(b)
         workspace = None
-        if self._workspace is not None:
-            rows = b * self.num_qo_heads
-            workspace = (self._workspace[0][:rows], self._workspace[1][:rows])
-        sparse_decode_attention(q, kv_pages, slots, lens, scale=scale, out=out, num_splits=self.num_splits,
+        if self._workspace is not None and splits > 1:
+            rows = b * self.num_qo_heads * splits
+            workspace = (self._workspace[0].view(-1, self.head_dim)[:rows].view(-1, splits, self.head_dim),
+                         self._workspace[1].view(-1)[:rows].view(-1, splits))
+        sparse_decode_attention(q, kv_pages, slots, lens, scale=scale, out=out, num_splits=splits,
                                 workspace=workspace, backend=self.backend)
         self._last_b = b
         return out
+
+    def splits_for(self, b: int) -> int:
+        """The split-K factor a run of ``b`` requests uses."""
+        if not self._auto_splits:
+            return self.num_splits
+        return min(self.num_splits, choose_num_splits(b, self.num_kv_heads, self.num_select, self._sms))
 
     @property
     def last_page_indices(self) -> torch.Tensor:

@@ -57,7 +57,7 @@ def _flash_h2d_kernel(
     EVEN: tl.constexpr,  # CHUNK_WORDS * CHUNKS_PER_PAGE == WORDS_PER_PAGE
     SRC_ALIGNED: tl.constexpr,  # src_addr % 16 == 0
 ):
-    src_ptr = src_addr.to(tl.pointer_type(dst_ptr.dtype.element_ty))
+    src_ptr = src_addr.to(tl.int64).to(tl.pointer_type(dst_ptr.dtype.element_ty))  # i32 when the address is small
     if SRC_ALIGNED:  # an int64 carries no alignment: say so, or the loads are not vectorized to 16 bytes
         src_ptr = tl.multiple_of(src_ptr, 16)
     pid = tl.program_id(0)

@@ -64,6 +64,14 @@ def test_bad_settings_stop_startup_in_the_users_process(tiny_model, section, mat
         config_for(tiny_model(), additional_config={"sparseserve": section}, **kw)
 
 
+def test_a_context_beyond_the_selectable_pages_is_refused(tiny_model, monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    with pytest.raises(SparseServeConfigError, match=r"max_model_len=131080 is more than 16384 pages of page_size=8.*"
+                                                     r"allowed: max_model_len <= 131072"):
+        config_for(tiny_model(), additional_config={"sparseserve": {"page_size": 8, "token_budget": 256}},
+                   max_model_len=131080)
+
+
 def test_settings_without_the_backend_are_refused(tiny_model):
     with pytest.raises(SparseServeConfigError, match="--attention-backend sparseserve"):
         config_for(tiny_model(), attention_backend=None, additional_config={"sparseserve": {}})

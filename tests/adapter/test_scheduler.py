@@ -190,27 +190,7 @@ def test_working_set_caps_the_batch_parks_requests_and_keeps_the_tokens(tiny_mod
     with engine(tiny_model(), "sparseserve", SS, **KW) as llm:
         reference = greedy(llm, prompts, max_tokens=MAX_TOKENS)
 
-    before = stats.read_totals()
-    seen: list[tuple[int, int]] = []
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            t = stats.read_totals()
-            seen.append((t["batch_cap"], t["working_set_bytes"]))
-            time.sleep(0.01)
-
-    with engine(tiny_model(), "sparseserve", OFFLOAD, **KW) as llm:
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            got = greedy(llm, prompts, max_tokens=MAX_TOKENS)
-        finally:
-            done.set()
-            watcher.join()
-        time.sleep(1.2)  # the workers publish their counters twice a second
-        after = stats.read_totals()
-
+    got, seen, before, after = run_watched(tiny_model(), OFFLOAD, prompts)
     assert all(len(set(t)) >= 3 for t in reference), reference  # a real continuation, not one repeated token
     assert got == reference  # every request completed, with the same tokens
     caps = {cap for cap, _ in seen if cap}
@@ -221,3 +201,38 @@ def test_working_set_caps_the_batch_parks_requests_and_keeps_the_tokens(tiny_mod
     assert after["batch_cap"] == 0 and after["working_set_bytes"] == 0, after  # idle again
     # Parked requests were never recomputed: prefill attended exactly the prompts, once, in each of the 2 layers.
     assert after["dense_tokens"] - before["dense_tokens"] == NUM_REQUESTS * PROMPT_LEN * 2
+    controlled_loads = (after["hbm_misses"] - before["hbm_misses"]) / (after["decode_steps"] - before["decode_steps"])
+
+    # batch_control false: vLLM's own admission; all requests decode together, the cache thrashes, same tokens.
+    got, seen, before, after = run_watched(tiny_model(), dict(OFFLOAD, batch_control=False), prompts)
+    assert got == reference
+    assert max(cap for cap, _ in seen) == NUM_REQUESTS, seen
+    assert after["parked_steps"] == before["parked_steps"], after
+    uncontrolled_loads = (after["hbm_misses"] - before["hbm_misses"]) / (after["decode_steps"] - before["decode_steps"])
+    assert uncontrolled_loads > 2 * controlled_loads, (uncontrolled_loads, controlled_loads)
+
+
+def run_watched(model, sparseserve, prompts):
+    """Greedy tokens of an offload engine, the (batch_cap, working_set_bytes) gauges seen while it ran, and the
+    statistics totals before and after."""
+    before = stats.read_totals()
+    seen: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            t = stats.read_totals()
+            seen.append((t["batch_cap"], t["working_set_bytes"]))
+            time.sleep(0.01)
+
+    with engine(model, "sparseserve", sparseserve, **KW) as llm:
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            got = greedy(llm, prompts, max_tokens=MAX_TOKENS)
+        finally:
+            done.set()
+            watcher.join()
+        time.sleep(1.2)  # the workers publish their counters twice a second
+        after = stats.read_totals()
+    return got, seen, before, after

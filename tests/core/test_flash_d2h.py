@@ -1,10 +1,15 @@
-"""FlashD2HSaver: after flush the host store equals a reference written by plain Python loops.
+"""FlashD2HSaver: after wait_all the host store equals a reference written by plain Python loops.
 
-Runs on the CPU (plain staging copy) and, where CUDA exists, with device tensors (side-stream D2H copy).
+Both modes run where they can: "staged" everywhere (on the CPU a plain staging copy, on CUDA a side-stream D2H
+copy), "uva" (the GPU scatters into the pinned store, `kernels.flash_d2h_scatter`) only with CUDA; that kernel
+itself is tested on the CPU under the Triton interpreter in tests/kernels/test_flash_d2h_scatter.py.
+The scatters are held back (threads sleep, or the side stream runs a GPU sleep) so that they finish late and out
+of order, which a missing wait (ring reuse, ordering of saves of one layer, flush) turns into wrong data.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
@@ -12,11 +17,14 @@ import pytest
 import torch
 
 from sparseserve_vllm.core import flash_d2h
-from sparseserve_vllm.core.flash_d2h import FlashD2HSaver
+from sparseserve_vllm.core.flash_d2h import MODES, FlashD2HSaver
 from sparseserve_vllm.core.host_kv import HostKVStore
+from sparseserve_vllm.kernels.flash_d2h_scatter import FlashD2HScatter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SENTINEL = -1024.0
+NEEDS_CUDA = pytest.mark.skipif(DEVICE != "cuda", reason="uva mode needs a CUDA device")
+ALL_MODES = [pytest.param(m, marks=NEEDS_CUDA) if m == "uva" else m for m in MODES]
 
 
 def make_store(dtype, layers=3, blocks=10, heads=2, block_size=8, d=4):
@@ -44,35 +52,55 @@ def reference_save(ref, layer, key, value, slots, block_size):
                 ref[layer, s // block_size, h, s % block_size, i] = kv[i]
 
 
-def delay_scatter(monkeypatch, should_wait):
-    """Hold back by 1-5 ms the scatter tasks whose first ring row r has `should_wait(r)`."""
-    scatter = FlashD2HSaver._scatter
+def hold_back(monkeypatch, mode, should_wait):
+    """Delay the scatters whose first ring row r has `should_wait(r)` (staged: threads sleep 1-5 ms) or every
+    scatter launch for which `should_wait(launch number)` (uva: ~5 ms GPU sleep on the side stream before it)."""
     rng = random.Random(0)
+    if mode == "staged":
+        scatter = FlashD2HSaver._scatter
 
-    def delayed(self, copied, layers, start, a, b, deps):
-        if should_wait(start + a):
-            time.sleep(0.001 + 0.004 * rng.random())
-        scatter(self, copied, layers, start, a, b, deps)
+        def delayed(self, copied, layers, start, a, b, deps):
+            if should_wait(start + a):
+                time.sleep(0.001 + 0.004 * rng.random())
+            scatter(self, copied, layers, start, a, b, deps)
 
-    monkeypatch.setattr(FlashD2HSaver, "_scatter", delayed)
+        monkeypatch.setattr(FlashD2HSaver, "_scatter", delayed)
+    else:
+        run = FlashD2HScatter.run
+        launches = itertools.count()
+
+        def delayed(self, src, slots, layer):
+            if should_wait(next(launches)):
+                torch.cuda._sleep(int(1e7 * (1 + rng.random())))  # on the current (side) stream
+            run(self, src, slots, layer)
+
+        monkeypatch.setattr(FlashD2HScatter, "run", delayed)
 
 
-@pytest.mark.parametrize("commit_bytes", [1, 1 << 30])  # one piece per save / saves of several layers per piece
-@pytest.mark.parametrize("min_task_bytes", [1 << 20, 1])  # one scatter task per piece / several per piece
+STAGED_SETTINGS = [(1 << 20, 1), (1 << 20, 1 << 30), (1, 1), (1, 1 << 30)]  # (min_task_bytes, commit_bytes)
+SETTINGS = [pytest.param("staged", m, c, id=f"staged-task{m}-commit{c}") for m, c in STAGED_SETTINGS] + [
+    pytest.param("uva", 1 << 20, c, id=f"uva-commit{c}", marks=NEEDS_CUDA) for c in (1, 1 << 30)]
+
+
+# commit_bytes 1: one piece per save; 1 << 30: saves of several layers per piece.
+# min_task_bytes (staged) 1 << 20: one scatter task per piece; 1: several per piece.
+@pytest.mark.parametrize("mode,min_task_bytes,commit_bytes", SETTINGS)
 @pytest.mark.parametrize(
     "dtype,max_tokens,staging_tokens,num_threads",
     [(torch.bfloat16, 64, None, 2), (torch.float32, 5, 7, 3), (torch.float16, 7, 7, 4), (torch.float32, 16, 40, 2)],
 )
-def test_overlapping_steps_match_python_reference(dtype, max_tokens, staging_tokens, num_threads, min_task_bytes,
-                                                  commit_bytes, monkeypatch):
+def test_overlapping_steps_match_python_reference(dtype, max_tokens, staging_tokens, num_threads, mode,
+                                                  min_task_bytes, commit_bytes, monkeypatch):
     monkeypatch.setattr(flash_d2h, "_MIN_TASK_BYTES", min_task_bytes)
     monkeypatch.setattr(flash_d2h, "_COMMIT_BYTES", commit_bytes)
-    delay_scatter(monkeypatch, lambda row: row % 3 == 0)  # scatters finish out of order
+    hold_back(monkeypatch, mode, lambda i: i % 3 == 0)  # scatters finish late and out of order
     gen = torch.Generator().manual_seed(int(max_tokens * 10 + num_threads))
     store = make_store(dtype)
     ref = store.kv.double().clone()
     capacity = store.num_tokens
-    with FlashD2HSaver(store, max_tokens, num_threads, staging_tokens=staging_tokens, device=DEVICE) as saver:
+    with FlashD2HSaver(store, max_tokens, num_threads, staging_tokens=staging_tokens, device=DEVICE, mode=mode,
+                       num_sms=3) as saver:
+        assert saver.mode == mode
         for step in range(4):  # no flush between steps: saves of several steps and layers overlap
             for layer in range(store.num_layers):
                 t = int(torch.randint(1, 30, (1,), generator=gen))
@@ -81,16 +109,19 @@ def test_overlapping_steps_match_python_reference(dtype, max_tokens, staging_tok
                 key = torch.randn((t + 2, 2, 4), generator=gen).to(dtype)  # 2 padded rows past T are ignored
                 value = torch.randn((t + 2, 2, 4), generator=gen).to(dtype)
                 reference_save(ref, layer, key[:t], value[:t], slots, store.block_size)
-                saver.save(layer, key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE))
-        saver.flush()
+                k, v = key.to(DEVICE), value.to(DEVICE)
+                saver.save(layer, k, v, slots.to(DEVICE))
+                k.fill_(float("nan")), v.fill_(float("nan"))  # the caller's buffers are reused after save
+        saver.wait_all()
         assert torch.equal(store.kv.double(), ref)
 
 
-def test_packed_kv_and_int32_cpu_slot_mapping():
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_packed_kv_and_int32_cpu_slot_mapping(mode):
     gen = torch.Generator().manual_seed(11)
     store = make_store(torch.bfloat16)
     ref = store.kv.double().clone()
-    saver = FlashD2HSaver(store, max_tokens=8, num_threads=2, device=DEVICE)
+    saver = FlashD2HSaver(store, max_tokens=8, num_threads=2, device=DEVICE, mode=mode)
     for layer in (2, 0):
         slots = random_slots(20, store.num_tokens, gen, pad=3).to(torch.int32)
         kv = torch.randn((20, 2, 8), generator=gen).to(torch.bfloat16)
@@ -107,26 +138,57 @@ def test_packed_kv_and_int32_cpu_slot_mapping():
     saver.close()  # idempotent
 
 
-def test_same_slot_saved_many_times_keeps_the_last(monkeypatch):
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_same_slot_saved_many_times_keeps_the_last(mode, monkeypatch):
     """Every other save's scatter is held back; saves of one layer must still land in order."""
     monkeypatch.setattr(flash_d2h, "_MIN_TASK_BYTES", 1)
-    delay_scatter(monkeypatch, lambda row: (row // 7) % 2 == 0)
+    monkeypatch.setattr(flash_d2h, "_COMMIT_BYTES", 1)  # one piece (uva: one launch) per save
+    hold_back(monkeypatch, mode, lambda i: (i // 7) % 2 == 0 if mode == "staged" else i % 2 == 0)
     store = make_store(torch.float32, layers=1)
-    with FlashD2HSaver(store, max_tokens=7, num_threads=8, staging_tokens=28, device=DEVICE) as saver:
+    with FlashD2HSaver(store, max_tokens=7, num_threads=8, staging_tokens=28, device=DEVICE, mode=mode) as saver:
         slots = torch.tensor([5, 17, 40, 63, 2, 33, 9])
         for i in range(12):
             kv = torch.full((7, 2, 8), float(i))
             kv[:, :, 0] = torch.arange(7, dtype=torch.float32)[:, None]
             saver.save(0, kv.to(DEVICE), None, slots.to(DEVICE))
-        saver.flush()
     for t, s in enumerate(slots.tolist()):
         row = store.kv[0, s // 8, :, s % 8]
         assert (row[:, 0] == t).all() and (row[:, 1:] == 11.0).all()
 
 
-def test_empty_and_all_padding_saves_change_nothing():
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_flush_makes_saves_visible_to_the_next_work_on_the_stream(mode, monkeypatch):
+    """What a FlashH2D load queued after flush() reads: a device copy of the store on the current stream."""
+    hold_back(monkeypatch, mode, lambda i: True)
+    store = make_store(torch.float16)
+
+    def saves(saver):
+        gen = torch.Generator().manual_seed(5)
+        ref = store.kv.double().clone()
+        for layer in range(store.num_layers):
+            slots = random_slots(12, store.num_tokens, gen, pad=2)
+            kv = torch.randn((12, 2, 8), generator=gen).half()
+            reference_save(ref, layer, kv, None, slots, store.block_size)
+            saver.save(layer, kv.to(DEVICE), None, slots.to(DEVICE))
+        return ref
+
+    with FlashD2HSaver(store, max_tokens=16, num_threads=2, device=DEVICE, mode=mode) as saver:
+        saves(saver)  # warm-up: the first uva launch of a shape compiles the kernel, which outlasts the GPU sleep
+    store.kv.fill_(SENTINEL)
+    saver = FlashD2HSaver(store, max_tokens=16, num_threads=2, device=DEVICE, mode=mode)
+    ref = saves(saver)
+    saver.flush()
+    if mode == "uva":
+        assert not saver._stream.query()  # flush did not wait for the (held back) scatter on the host
+    loaded = store.kv.to(DEVICE, non_blocking=True)  # queued on the current stream after flush()
+    assert torch.equal(loaded.double().cpu(), ref)
+    saver.close()
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_empty_and_all_padding_saves_change_nothing(mode):
     store = make_store(torch.float32)
-    with FlashD2HSaver(store, max_tokens=4, num_threads=1, device=DEVICE) as saver:
+    with FlashD2HSaver(store, max_tokens=4, num_threads=1, device=DEVICE, mode=mode) as saver:
         saver.save(0, torch.zeros((0, 2, 4), device=DEVICE), torch.zeros((0, 2, 4), device=DEVICE),
                    torch.zeros(0, dtype=torch.int64, device=DEVICE))
         saver.save(1, torch.ones((6, 2, 4), device=DEVICE), torch.ones((6, 2, 4), device=DEVICE),
@@ -134,9 +196,38 @@ def test_empty_and_all_padding_saves_change_nothing():
     assert (store.kv == SENTINEL).all()
 
 
-def test_bad_arguments_name_the_argument():
+@pytest.mark.skipif(DEVICE != "cuda", reason="slot ids on the CPU are checked in save(); device ones only later")
+@pytest.mark.parametrize("mode", MODES)
+def test_device_slot_beyond_the_store_raises_in_wait_all(mode):
     store = make_store(torch.float32)
-    saver = FlashD2HSaver(store, max_tokens=4, num_threads=1, device=DEVICE)
+    saver = FlashD2HSaver(store, max_tokens=4, num_threads=1, device=DEVICE, mode=mode)
+    k = torch.ones((3, 2, 4), device=DEVICE)
+    saver.save(0, k, k, torch.tensor([0, 80, 1], device=DEVICE))
+    if mode == "uva":
+        saver.flush()  # never raises: it does not wait
+    with pytest.raises(ValueError, match="slot_mapping must be < 80"):
+        saver.wait_all()
+    if mode == "uva":
+        assert (store.kv[0, 0, :, :2] == 1).all()  # the kernel skipped only the bad token
+    saver.close()  # the error was reported once
+
+
+def test_default_mode_and_bad_mode():
+    store = make_store(torch.float32)
+    with FlashD2HSaver(store, max_tokens=4, num_threads=1) as saver:
+        assert saver.mode == ("uva" if DEVICE == "cuda" else "staged")
+    with pytest.raises(ValueError, match=r"mode must be one of \('uva', 'staged'\)"):
+        FlashD2HSaver(store, max_tokens=4, mode="gpu")
+    with pytest.raises(ValueError, match="mode 'uva' needs a CUDA device"):
+        FlashD2HSaver(store, max_tokens=4, device="cpu", mode="uva")
+    with pytest.raises(ValueError, match="num_sms"):
+        FlashD2HSaver(store, max_tokens=4, num_sms=0)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_bad_arguments_name_the_argument(mode):
+    store = make_store(torch.float32)
+    saver = FlashD2HSaver(store, max_tokens=4, num_threads=1, device=DEVICE, mode=mode)
     k = torch.zeros((3, 2, 4), device=DEVICE)
     slots = torch.tensor([0, 1, 2], device=DEVICE)
     with pytest.raises(ValueError, match="layer"):

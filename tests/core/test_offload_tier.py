@@ -1,0 +1,134 @@
+"""`OffloadTier` on the CPU (plain host store, a small "HBM" page pool): data lands where the contract says.
+
+A reference KV tensor in the host layout is kept next to the tier; every check compares what the tier returns
+(cache pages, gathered context) with the reference, after evictions forced by a pool smaller than the KV.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparseserve_vllm.core.host_kv import HostKVStore
+from sparseserve_vllm.core.offload_tier import OffloadTier
+
+LAYERS, BLOCKS, HKV, BS, D, PS = 2, 6, 2, 16, 8, 4
+PPB = BS // PS
+
+
+def make_tier(num_slots: int) -> OffloadTier:
+    host = HostKVStore(LAYERS, BLOCKS, HKV, BS, D, torch.float32, pin=False)
+    host.kv.fill_(float("nan"))  # poisoned: anything read before it is written shows up
+    pool = torch.full((num_slots, PS, 2 * D), float("nan"))
+    return OffloadTier(host=host, cache_pages=pool, page_size=PS, max_tokens=64, d2h_threads=2)
+
+
+def write_tokens(tier, ref, layer, slots, gen):
+    k = torch.randn(len(slots), HKV, D, generator=gen)
+    v = torch.randn(len(slots), HKV, D, generator=gen)
+    sm = torch.tensor(slots, dtype=torch.long)
+    tier.begin_layer()
+    tier.write_new(layer, k, v, sm)
+    tier.save(layer, k, v, sm)
+    for t, s in enumerate(slots):
+        if s >= 0:
+            ref[layer, s // BS, :, s % BS, :D] = k[t]
+            ref[layer, s // BS, :, s % BS, D:] = v[t]
+    return sm
+
+
+def ref_page(ref, layer, page):
+    b, rest = divmod(page, HKV * PPB)
+    h, j = divmod(rest, PPB)
+    return ref[layer, b, h, j * PS:(j + 1) * PS]
+
+
+def test_saved_pages_come_back_after_eviction_and_gather_matches():
+    gen = torch.Generator().manual_seed(0)
+    tier = make_tier(num_slots=HKV * PPB)  # one block's pages: everything else is evicted on the way
+    ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
+    for layer in range(LAYERS):  # prefill-like writes: whole blocks 1, 3, 4, in chunks, with padding
+        for chunk in range(0, 3 * BS, 12):
+            slots = [[1, 3, 4][i // BS] * BS + i % BS for i in range(chunk, min(chunk + 12, 3 * BS))]
+            write_tokens(tier, ref, layer, slots + [-1, -1], gen)
+    tier.flush()
+    # Every written page resolves to a slot holding its reference data, one layer at a time.
+    for layer in range(LAYERS):
+        for block in (1, 3, 4):
+            tier.begin_layer()
+            pages = tier.block_pages(torch.tensor([block])).reshape(-1)
+            slots = tier.resolve(layer, torch.cat([pages, torch.tensor([-1])]))
+            assert slots[-1] == -1
+            for p, s in zip(pages.tolist(), slots[:-1].tolist()):
+                torch.testing.assert_close(tier.cache_pages[s], ref_page(ref, layer, p), rtol=0, atol=0)
+    st = tier.stats()
+    assert st["hbm_evictions"] > 0 and st["hbm_misses"] > 0
+    # A request's context (blocks 3, 4 as its block table) with its 2 newest tokens passed in.
+    k_new, v_new = torch.randn(2, HKV, D, generator=gen), torch.randn(2, HKV, D, generator=gen)
+    length = BS + 10
+    k, v = tier.gather_context(1, torch.tensor([3, 4]), length, k_new, v_new)
+    want = torch.cat([ref[1, 3], ref[1, 4]], dim=1)[:, :length]
+    torch.testing.assert_close(k[:, : length - 2], want[:, : length - 2, :D], rtol=0, atol=0)
+    torch.testing.assert_close(v[:, : length - 2], want[:, : length - 2, D:], rtol=0, atol=0)
+    torch.testing.assert_close(k[:, length - 2:], k_new.transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(v[:, length - 2:], v_new.transpose(0, 1), rtol=0, atol=0)
+    tier.close()
+
+
+def test_write_new_writes_through_and_resident_slots_finds_the_pages():
+    gen = torch.Generator().manual_seed(1)
+    tier = make_tier(num_slots=3 * HKV * PPB)
+    ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
+    write_tokens(tier, ref, 0, list(range(2 * BS, 2 * BS + PS)), gen)  # fills page 0 of block 2
+    tier.flush()
+    write_tokens(tier, ref, 0, [2 * BS + PS], gen)  # a decode token: page 1 of block 2, first token
+    full_pages = tier.token_pages(torch.tensor([2 * BS + PS - 1])).reshape(-1)
+    slots = tier.resident_slots(0, full_pages)
+    assert (slots >= 0).all()
+    for p, s in zip(full_pages.tolist(), slots.tolist()):
+        torch.testing.assert_close(tier.cache_pages[s], ref_page(ref, 0, p), rtol=0, atol=0)
+    new_page = tier.token_pages(torch.tensor([2 * BS + PS])).reshape(-1)
+    for p, s in zip(new_page.tolist(), tier.resident_slots(0, new_page).tolist()):
+        torch.testing.assert_close(tier.cache_pages[s, :1], ref_page(ref, 0, p)[:1], rtol=0, atol=0)
+    assert (tier.resident_slots(1, full_pages) == -1).all()  # nothing of layer 1 was written
+    tier.close()
+
+
+def test_free_blocks_gives_every_slot_back():
+    gen = torch.Generator().manual_seed(2)
+    tier = make_tier(num_slots=4 * HKV * PPB)
+    ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
+    for layer in range(LAYERS):
+        write_tokens(tier, ref, layer, list(range(0, 2 * BS)), gen)
+    assert tier.stats()["hbm_pages_in_use"] == 2 * LAYERS * HKV * PPB
+    pages = tier.free_blocks(torch.tensor([0, 1]))
+    assert sorted(pages.tolist()) == list(range(2 * HKV * PPB))
+    assert tier.stats()["hbm_pages_in_use"] == 0
+    tier.close()
+
+
+def test_more_pages_than_the_pool_in_one_layer_step_is_refused():
+    from sparseserve_vllm.core.page_cache import CacheCapacityError
+
+    tier = make_tier(num_slots=HKV * PPB)
+    tier.begin_layer()
+    with pytest.raises(CacheCapacityError, match="enlarge the cache"):
+        tier.resolve(0, tier.block_pages(torch.tensor([0, 1])).reshape(-1))
+    tier.close()
+
+
+def test_write_new_loads_only_pages_with_older_tokens():
+    gen = torch.Generator().manual_seed(3)
+    tier = make_tier(num_slots=HKV * PPB)
+    ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
+    write_tokens(tier, ref, 0, [5 * BS, 5 * BS + 1], gen)  # two tokens of a fresh page: nothing to load
+    assert tier.stats()["bytes_h2d"] == 0
+    write_tokens(tier, ref, 0, list(range(0, BS)), gen)  # block 0 fills the pool: block 5's page is evicted
+    assert tier.stats()["hbm_evictions"] >= HKV
+    tier.flush()
+    write_tokens(tier, ref, 0, [5 * BS + 2], gen)  # its third token: the two older ones come back from host
+    assert tier.stats()["bytes_h2d"] == HKV * tier.page_bytes
+    page = tier.token_pages(torch.tensor([5 * BS + 2])).reshape(-1)
+    for p, s in zip(page.tolist(), tier.resident_slots(0, page).tolist()):
+        torch.testing.assert_close(tier.cache_pages[s, :3], ref_page(ref, 0, p)[:3], rtol=0, atol=0)
+    tier.close()
