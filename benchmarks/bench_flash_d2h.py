@@ -137,6 +137,7 @@ def main() -> int:
     p.add_argument("--tokens", default="64,8192,32768")
     p.add_argument("--threads", default="4,8,16", help="staged mode: scatter thread counts")
     p.add_argument("--sms", default="8,16,32", help="uva mode: scatter program counts (num_sms)")
+    p.add_argument("--tile-kib", default="16", help="uva mode: scatter tile sizes in KiB (tile_bytes)")
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--staging-tokens", type=int, default=65536)
     p.add_argument("--steps", type=int, default=3)
@@ -152,6 +153,7 @@ def main() -> int:
     token_list = [int(x) for x in args.tokens.split(",")]
     thread_list = [int(x) for x in args.threads.split(",")]
     sms_list = [int(x) for x in args.sms.split(",")]
+    tile_list = [int(x) * 1024 for x in args.tile_kib.split(",")]
     num_blocks = max(-(-max(token_list) // BLOCK) * 5 // 4, 128)  # room for the largest step and for random blocks
     t0 = time.perf_counter()
     host = HostKVStore(LAYERS, num_blocks, HKV, BLOCK, D, DTYPE, pin=True)
@@ -281,10 +283,10 @@ def main() -> int:
 
         # (a) and interference for the uva mode, per program count
         uva = []
-        for sms in sms_list:
+        for sms, tile in ((s, t) for s in sms_list for t in tile_list):
             with FlashD2HSaver(host, args.max_tokens, staging_tokens=args.staging_tokens, mode="uva",
-                               num_sms=sms) as saver:
-                entry = dict(sms=sms, **measure(saver))
+                               num_sms=sms, tile_bytes=tile) as saver:
+                entry = dict(sms=sms, tile_kib=tile // 1024, **measure(saver))
                 with_save = with_saver(saver)
             entry.update(compute_alone_ms=round(alone, 3), compute_with_flash_d2h_ms=round(with_save, 3),
                          slowdown=round(with_save / alone, 4))

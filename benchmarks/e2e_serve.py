@@ -14,7 +14,8 @@ Per system, in order:
           speed of a single request (mean TPOT);
   trace   for each `--rates` value, `--num-prompts` requests of a long-context mix like LongBench's, reproducible
           from `--seed`: `vllm bench serve`'s random dataset with inputs uniform in [4.1K, 127.9K] tokens and outputs
-          uniform in [64, 512] (range ratios 0.938 / 0.778 around 66,000 / 288), Poisson arrivals at that rate.
+          uniform in [64, 512] (range ratios 0.938 / 0.778 around `--input-len` 66,000 / `--output-len` 288),
+          Poisson arrivals at that rate.
 Raw `vllm bench serve` JSON (per request: ttfts, itls) lands in `--out`; `<system>.json` holds per rate mean/p99
 TTFT, mean/p99 TPOT, mean/p99 ITL, output tokens/s and the exact commands. `summarize_e2e.py` turns them into
 ratios, goodput and plots.
@@ -36,9 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-COMMON = ["--load-format", "dummy", "--max-model-len", "131072", "--served-model-name", "m",
-          "--no-enable-prefix-caching", "-O0", "-cc", json.dumps({"cudagraph_mode": "FULL_DECODE_ONLY"}),
-          "--max-num-seqs", "64", "--gpu-memory-utilization", "0.9"]
+COMMON = ["--load-format", "dummy", "--served-model-name", "m", "--no-enable-prefix-caching", "-O0", "-cc",
+          json.dumps({"cudagraph_mode": "FULL_DECODE_ONLY"}), "--max-num-seqs", "64"]
 SYSTEMS = {
     "dense": [],
     "native-offload": ["--kv-offloading-size", "48"],
@@ -67,7 +67,8 @@ def bench(vllm: str, url: str, tokenizer: str, out: Path, name: str, extra: list
 def run_system(system: str, gpus: str, tp: int, args, model: str, vllm: str, out: Path) -> None:
     from sparseserve_vllm.serve_process import VllmServer
 
-    serve_args = [*COMMON, "--tensor-parallel-size", str(tp), *SYSTEMS[system]]
+    serve_args = [*COMMON, "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_util),
+                  "--tensor-parallel-size", str(tp), *SYSTEMS[system]]
     tag = system if tp == 1 else f"{system}-tp{tp}"
     summary = {"system": system, "tp": tp, "gpus": gpus, "model": args.model, "serve_args": serve_args, "runs": {}}
     env = {"CUDA_VISIBLE_DEVICES": gpus, "NCCL_NVLS_ENABLE": "0"}
@@ -82,7 +83,7 @@ def run_system(system: str, gpus: str, tp: int, args, model: str, vllm: str, out
             print(json.dumps({tag: {"batch1": summary["runs"]["batch1"]}}), flush=True)
             for rate in args.rates.split(","):
                 summary["runs"][f"rate-{rate}"] = bench(vllm, server.url, model, out, f"{tag}-rate{rate}.json", [
-                    "--random-input-len", "66000", "--random-output-len", "288",
+                    "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
                     "--random-range-ratio", '{"input": 0.938, "output": 0.778}', "--num-prompts",
                     str(args.num_prompts), "--request-rate", rate, "--seed", str(args.seed)])
                 print(json.dumps({tag: {rate: summary["runs"][f"rate-{rate}"]}}), flush=True)
@@ -105,11 +106,16 @@ def main() -> None:
     ap.add_argument("--batch1-input", type=int, default=16384)
     ap.add_argument("--batch1-output", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--input-len", type=int, default=66000)
+    ap.add_argument("--output-len", type=int, default=288)
+    ap.add_argument("--max-model-len", type=int, default=131072)
+    ap.add_argument("--gpu-util", type=float, default=0.9)
+    ap.add_argument("--model-path", default=None, help="a local model folder instead of configs/<model> (dry runs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = model_dir(args.model)
+    model = args.model_path or model_dir(args.model)
     vllm = shutil.which("vllm", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     lanes = []
     for lane in args.plan.split(";"):

@@ -2,11 +2,12 @@
 
 Contract:
 - `FlashD2HSaver(host, max_tokens, num_threads=4, *, staging_tokens=2*max_tokens, device=None, mode=None,
-  num_sms=16)` saves into `host.kv` (a `HostKVStore`). `device`: where the new KV lives (default: the current
+  num_sms=16, tile_bytes=16384)` saves into `host.kv` (a `HostKVStore`). `device`: where the new KV lives (default: the current
   CUDA device when the store is pinned, else the CPU). `mode`: "uva" (the default on a CUDA device, which it
   needs) or "staged" (the default and only mode on the CPU). `max_tokens`: the most tokens staged as one part (a
   larger save is cut into parts). `staging_tokens` (>= max_tokens): the staging ring's rows. `num_threads`:
-  staged mode's scatter threads; `num_sms`: uva mode's scatter programs (the SMs it may take from compute).
+  staged mode's scatter threads; `num_sms`: uva mode's scatter programs (the SMs it may take from compute);
+  `tile_bytes`: uva mode's bytes per scatter tile (`kernels.FlashD2HScatter`).
 - `save(layer, key, value, slot_mapping)`: `slot_mapping` is 1-D int32/int64 `[T]` of LOGICAL slot ids
   `block * block_size + offset` (`-1` = padding, skipped), on `device` or on the CPU. `key`, `value` are
   `[>= T, Hkv, D]` of the host store's dtype on `device` (rows past T are ignored, as vLLM's padded batches
@@ -90,6 +91,7 @@ class FlashD2HSaver:
         device: torch.device | str | None = None,
         mode: str | None = None,
         num_sms: int = 16,
+        tile_bytes: int = 16384,
     ):
         if not isinstance(host, HostKVStore):
             raise ValueError(f"host must be a HostKVStore, got {type(host).__name__}")
@@ -133,7 +135,7 @@ class FlashD2HSaver:
             self._stream = None
         if mode == "uva":
             self._dev_layers = torch.empty((staging_tokens,), dtype=torch.int32, device=device)
-            self._kernel = FlashD2HScatter(num_sms=num_sms).plan(host.kv, device)
+            self._kernel = FlashD2HScatter(num_sms=num_sms, tile_bytes=tile_bytes).plan(host.kv, device)
             self._pool = None
         else:
             row = np.dtype((np.void, d2 * host.kv.element_size()))
