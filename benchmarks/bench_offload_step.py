@@ -5,11 +5,14 @@ One command, prints one JSON object (and writes it to --out) plus torch profiler
 
 It replays, for `--layers` layers (Llama-3.1-8B KV shape: Hkv 8, D 128, bf16, block 128, page 32, budget 2048),
 exactly the calls `SparseServeImpl._forward_offload` makes for a batch of `--batch` decode requests of `--context`
-tokens each: `OffloadTier.begin_layer / save / write_new / resolve` (page summaries) and the sparse decode wrapper
-with the tier's `translate` (page-cache resolve + FlashH2D of the misses), plus the working-set record. The host
+tokens each: `OffloadTier.begin_layer(layer) / write_new / resident_slots` (page summaries), the sparse decode
+wrapper with the tier's `translate` (page-cache resolve + FlashH2D of the misses), the working-set record and
+`OffloadTier.save`. The pages to summarize are computed once per step, as vLLM's metadata builder does
+(`summarize_slots`), so the per-layer sequence is free of host syncs except the step check of the first layer. The host
 store is filled with random KV first and every layer's page metadata is built, so selections are realistic.
 Measured: the wall time per step (synchronized at step ends only), the same step with only the sparse wrapper on
-HBM-resident KV (no tier: the compute floor), and a torch.profiler table of the step's top CPU and CUDA ops.
+HBM-resident KV (no tier: the compute floor), and a torch.profiler table of the step's top CPU and CUDA ops, with
+the step's count of `cudaStreamSynchronize` calls (`syncs_per_step`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def main() -> None:
         pos = lens.long() - 1
         slot_mapping = block_table.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
         filled = ((pos + 1) % ps == 0)
+        summ = tier.token_pages(slot_mapping[filled]).reshape(-1)  # the builder's summarize_slots (once per step)
         for layer in range(a.layers):
             q = torch.randn((a.batch, hq, d), dtype=dt, device=dev)
             k = torch.randn((a.batch, hkv, d), dtype=dt, device=dev)
@@ -76,9 +80,8 @@ def main() -> None:
             if not offload:
                 wrapper.run(q, cache, meta[layer], block_table % (slots // (hkv * ppb)), lens, scale)
                 continue
-            tier.begin_layer()
+            tier.begin_layer(layer)
             tier.write_new(layer, k, v, slot_mapping)
-            summ = tier.token_pages(slot_mapping[filled]).reshape(-1)
             if summ.numel():
                 cached = tier.resident_slots(layer, summ).to(torch.long)
                 fresh = torch.empty((cached.numel(), 2, d), dtype=dt, device=dev)
@@ -118,6 +121,7 @@ def main() -> None:
         torch.cuda.synchronize()
     table_cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
     table_cuda = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    syncs = sum(e.count for e in prof.key_averages() if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     print(table_cpu)
     print(table_cuda)
     tier.close()
@@ -128,6 +132,7 @@ def main() -> None:
         "offload_step_ms_median": round(sorted(offload_ms)[len(offload_ms) // 2], 2),
         "hbm_only_step_ms_median": round(sorted(hbm_ms)[len(hbm_ms) // 2], 2),
         "tier_delta": {k: after[k] - before[k] for k in after},
+        "syncs_per_step": syncs - 1,  # minus the synchronize that closes the profiled step
     }
     res["ratio_offload_vs_hbm"] = round(res["offload_step_ms_median"] / res["hbm_only_step_ms_median"], 2)
     print(json.dumps(res))

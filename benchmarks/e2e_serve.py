@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -46,6 +47,7 @@ SYSTEMS = {
     "sparseserve": ["--attention-backend", "sparseserve", "--additional-config",
                     json.dumps({"sparseserve": {"offload": True, "host_kv_gib": 96, "hbm_cache_gib": 24}})],
 }
+LIVE_SERVERS: list = []  # stopped by the SIGTERM handler (a `timeout` around this script must not leave servers)
 KEYS = ("completed", "duration", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
         "p99_itl_ms", "output_throughput", "total_token_throughput")
 
@@ -75,22 +77,26 @@ def run_system(system: str, gpus: str, tp: int, args, model: str, vllm: str, out
     t0 = time.monotonic()
     try:
         with VllmServer(model, serve_args, env=env, timeout_s=420, log_path=out / f"{tag}-server.log") as server:
+            LIVE_SERVERS.append(server)
             summary["startup_s"] = round(time.monotonic() - t0, 1)
             summary["runs"]["batch1"] = bench(vllm, server.url, model, out, f"{tag}-batch1.json", [
                 "--random-input-len", str(args.batch1_input), "--random-output-len", str(args.batch1_output),
                 "--num-prompts", str(args.batch1_prompts), "--max-concurrency", "1", "--request-rate", "inf",
                 "--seed", str(args.seed)])
             print(json.dumps({tag: {"batch1": summary["runs"]["batch1"]}}), flush=True)
+            (out / f"{tag}.json").write_text(json.dumps(summary, indent=1))  # progress survives a kill
             for rate in args.rates.split(","):
                 summary["runs"][f"rate-{rate}"] = bench(vllm, server.url, model, out, f"{tag}-rate{rate}.json", [
                     "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
                     "--random-range-ratio", '{"input": 0.938, "output": 0.778}', "--num-prompts",
                     str(args.num_prompts), "--request-rate", rate, "--seed", str(args.seed)])
                 print(json.dumps({tag: {rate: summary["runs"][f"rate-{rate}"]}}), flush=True)
+                (out / f"{tag}.json").write_text(json.dumps(summary, indent=1))
     except Exception as e:  # keep the other systems' numbers
         summary["error"] = f"{type(e).__name__}: {e}"[-3000:]
         print(json.dumps({tag: summary["error"]}), flush=True)
-    (out / f"{tag}.json").write_text(json.dumps(summary, indent=1))
+    finally:
+        (out / f"{tag}.json").write_text(json.dumps(summary, indent=1))
 
 
 def main() -> None:
@@ -113,6 +119,13 @@ def main() -> None:
     ap.add_argument("--model-path", default=None, help="a local model folder instead of configs/<model> (dry runs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+
+    def on_term(*_):
+        for server in LIVE_SERVERS:
+            server.stop()
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = args.model_path or model_dir(args.model)

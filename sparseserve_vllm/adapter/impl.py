@@ -117,7 +117,7 @@ class SparseServeImpl(AttentionImpl):
     def _forward_offload(self, layer, query, key, value, kv_cache, md, output):
         rt, li, n = self.runtime, self._layer_idx, md.num_actual_tokens
         tier = rt.tier_for(kv_cache)
-        tier.begin_layer()
+        tier.begin_layer(li)  # a new step when li does not exceed the previous layer: raises deferred cache errors
         slot_mapping = md.slot_mapping[:n]
         tier.write_new(li, key, value, slot_mapping)
         meta = rt.page_meta(li, kv_cache)

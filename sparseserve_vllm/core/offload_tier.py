@@ -3,21 +3,34 @@
 Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is larger than HBM):
 - `host`: the authoritative `HostKVStore` `(layers, logical_blocks, Hkv, block_size, 2D)`; `cache_pages`: the HBM
   pool `(num_slots, page_size, 2D)`, one slot per (layer, KV head, page), shared by all layers; `cache`: the
-  `PageCache` bookkeeping of which (layer, logical flat page) sits in which slot.
+  `PageCache` bookkeeping of which (layer, logical flat page) sits in which slot. The LAST slot of the pool
+  (`trash_slot = num_slots - 1`) is the *trash page*: `cache` never hands it out (it manages `num_slots - 1`
+  slots), and writes that must go nowhere (padding tokens, pages left without a slot) land there, so no write
+  needs a boolean mask. Its contents are garbage; the pool needs at least 2 slots.
 - Per layer and step the caller runs, in this order:
-    `begin_layer()`                 pages resolved from now on are protected from eviction until the next call;
+    `begin_layer(layer)`            a new protection scope: pages resolved from now on are not evicted until the
+                                    next call; when `layer` does not exceed the previous call's layer a new engine
+                                    step starts (`PageCache.begin_step`: raises the deferred errors of the previous
+                                    step, one host sync, and recomputes the eviction ring);
     `write_new(layer, k, v, slots)` makes every page that receives a new token resident (loading its older tokens
-                                    from host when it was evicted; a page whose first token arrives now loads
-                                    nothing) and writes the new tokens into it (write-through);
+                                    from host when it was evicted; a page whose first token arrives in this write
+                                    loads nothing) and writes the new tokens into it (write-through); -1 entries of
+                                    `slots` (padding) write into the trash page;
     `resident_slots(layer, pages)`  cache slots of pages `write_new` just made resident (page summaries), no sync;
     `resolve(layer, flat_pages)`    selected pages -> cache slots, missing ones loaded by one FlashH2D launch;
     `gather_context(...)`           a request's whole context of one layer into a scratch buffer (dense prefill);
     `save(layer, k, v, slots)`      FlashD2H: the new tokens to host DRAM, last, so that the loads above wait
                                     only for earlier layers' saves.
+  `begin_layer`, `write_new`, `resident_slots`, `resolve` and `save` do not synchronize with the host (except the
+  step check in `begin_layer` at a new step): fixed-size tensors throughout, FlashH2D planned once per layer and
+  launched every time (-1 padded ids). `gather_context` synchronizes (prefill only).
+- Pages that got no slot because the cache could not hold them (or ids out of range) do not raise at once: their
+  tokens go to the trash page, `resolve` returns -1 for them, and the error (`CacheCapacityError` or
+  `ValueError`) is raised by the next step's first `begin_layer` (or by `check()`).
 - `free_blocks(block_ids)`: finished or aborted requests give their pages' cache slots back.
-- Host data written by `save` becomes visible to loads after `flush()`; `write_new`/`gather_context` flush first
-  when they have to load from host, so a load never reads a page older than what this process saved.
-- Counters: `stats()` returns hits, misses, evictions, bytes moved each way, HBM pages in use.
+- Host data written by `save` becomes visible to loads after `flush()`; `write_new`, `resolve` and
+  `gather_context` flush before they load, so a load never reads a page older than what this process saved.
+- Counters: `stats()` returns hits, misses, evictions, bytes moved each way, HBM pages in use (synchronizes).
 No vLLM import.
 """
 
@@ -28,7 +41,8 @@ import torch
 from sparseserve_vllm.core.flash_d2h import FlashD2HSaver
 from sparseserve_vllm.core.host_kv import HostKVStore
 from sparseserve_vllm.core.page_cache import PageCache
-from sparseserve_vllm.kernels.flash_h2d import flash_h2d
+import sparseserve_vllm.kernels.flash_h2d as flash_h2d_module
+from sparseserve_vllm.kernels.flash_h2d import FlashH2D, flash_h2d, flash_h2d_torch
 
 
 class OffloadTier:
@@ -41,7 +55,11 @@ class OffloadTier:
         max_tokens: int,
         h2d_sms: int | None = None,
         d2h_threads: int = 4,
+        eviction_window: int | None = None,
     ) -> None:
+        if cache_pages.dim() != 3 or cache_pages.shape[0] < 2:
+            raise ValueError(f"cache_pages must be (num_slots >= 2, page_size, 2D) (the last slot is the trash page), "
+                             f"got {tuple(cache_pages.shape)}")
         self.host = host
         self.page_size = page_size
         self.ppb = host.block_size // page_size
@@ -49,18 +67,31 @@ class OffloadTier:
         self.cache_pages = cache_pages
         self.device = cache_pages.device
         self.pages_per_layer = host.num_logical_blocks * host.num_kv_heads * self.ppb
-        self.cache = PageCache(host.num_layers, self.pages_per_layer, cache_pages.shape[0], device=self.device)
+        self.trash_slot = cache_pages.shape[0] - 1
+        self.cache = PageCache(host.num_layers, self.pages_per_layer, self.trash_slot, device=self.device,
+                               window=eviction_window)
         self.saver = FlashD2HSaver(host, max_tokens=max_tokens, num_threads=d2h_threads, device=self.device)
         self.h2d_sms = h2d_sms
+        self._h2d: list[FlashH2D | None] = [None] * host.num_layers  # planned on a layer's first load
         self.page_bytes = cache_pages[0].numel() * cache_pages.element_size()
         self.token_bytes = host.num_kv_heads * 2 * host.head_dim * cache_pages.element_size()
-        self.bytes_h2d = 0
+        self._pages_h2d = torch.zeros((), dtype=torch.int64, device=self.device)  # pages loaded, on the device
         self.bytes_d2h = 0
         self._heads = torch.arange(self.num_kv_heads, device=self.device)
+        self._last_layer: int | None = None
 
     # ---- per layer ----
-    def begin_layer(self) -> None:
-        self.cache.begin_step()
+    def begin_layer(self, layer: int) -> None:
+        """New protection scope for `layer`; a new engine step when `layer` is not above the previous layer."""
+        if self._last_layer is None or layer <= self._last_layer:
+            self.cache.begin_step()
+        else:
+            self.cache.begin_layer()
+        self._last_layer = layer
+
+    def check(self) -> None:
+        """Raise the page cache's deferred errors now (one host sync)."""
+        self.cache.check()
 
     def save(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.saver.save(layer, key, value, slot_mapping)  # -1 slots are padding; rows past len(slot_mapping) ignored
@@ -77,38 +108,54 @@ class OffloadTier:
         return (block[:, None] * self.num_kv_heads + self._heads[None, :]) * self.ppb + pib[:, None]
 
     def write_new(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        keep = slot_mapping >= 0
-        slots_in = slot_mapping[keep].to(torch.long)
-        if slots_in.numel() == 0:
+        """Write the tokens of `key`/`value` ([>= T, Hkv, D]) at `slot_mapping` ([T], -1 = padding) through into
+        their cache pages, making those resident first (see the module docstring). No host sync."""
+        t = slot_mapping.numel()
+        if t == 0:
             return
-        key, value = key[: slot_mapping.numel()][keep], value[: slot_mapping.numel()][keep]
-        pages = self.token_pages(slots_in)  # [T, Hkv]
-        off = slots_in % self.page_size
+        sm = slot_mapping.to(torch.int64)
+        real = (sm >= 0)[:, None]
+        pages = torch.where(real, self.token_pages(sm), -1)  # [T, Hkv]
+        off = sm % self.page_size  # any offset for padding: it lands in the trash page
         cache_slots, miss_pages, miss_slots = self.cache.resolve(layer, pages.reshape(-1))
-        if miss_pages.numel():
-            older = ~torch.isin(miss_pages, pages[off == 0].reshape(-1))  # offset 0 now: no older tokens
-            self._load(layer, miss_pages[older], miss_slots[older])
-        cache_slots = cache_slots.view(pages.shape).to(torch.long)
-        d = key.shape[-1]
-        self.cache_pages[cache_slots, off[:, None], :d] = key.to(self.cache_pages.dtype)
-        self.cache_pages[cache_slots, off[:, None], d:] = value.to(self.cache_pages.dtype)
+        # A missing page whose offset-0 token is in this write has no older tokens: its load is skipped (-1).
+        fresh = torch.sort(torch.where(real & (off == 0)[:, None], pages, -1).reshape(-1)).values
+        at = torch.searchsorted(fresh, miss_pages).clamp_max_(fresh.numel() - 1)
+        self._load(layer, torch.where(fresh[at] == miss_pages, -1, miss_pages), miss_slots)
+        dst = cache_slots.view(t, self.num_kv_heads).to(torch.int64)  # -1 (padding, no slot) wraps to the trash page
+        kv = torch.cat((key[:t], value[:t]), dim=-1).to(self.cache_pages.dtype)
+        self.cache_pages.index_put_((dst, off[:, None]), kv)
 
     def resolve(self, layer: int, flat_pages: torch.Tensor) -> torch.Tensor:
-        """Cache slots (int32, -1 for -1 entries) of `flat_pages` of `layer`; misses are loaded from host."""
+        """Cache slots (int32, -1 for -1 entries and pages left without a slot) of `flat_pages` of `layer`; the
+        misses are loaded from host. No host sync."""
         slots, miss_pages, miss_slots = self.cache.resolve(layer, flat_pages)
         self._load(layer, miss_pages, miss_slots)
         return slots
 
     def _load(self, layer: int, pages: torch.Tensor, slots: torch.Tensor) -> None:
-        """FlashH2D of host `pages` of `layer` into cache `slots`, after every earlier save is visible."""
-        if pages.numel():
+        """FlashH2D of host `pages` of `layer` into cache `slots` (-1 pairs skipped), after every earlier save is
+        visible. Always launched: how many pairs are real is known on the device only. A CPU pool without the
+        Triton interpreter uses the torch path (which synchronizes; there is no device to wait for)."""
+        if pages.numel() == 0:
+            return
+        if self.device.type == "cpu" and not flash_h2d_module._INTERPRET:
             self.flush()
-            flash_h2d(self.host.pages(layer, self.page_size), self.cache_pages, pages, slots, num_sms=self.h2d_sms)
-            self.bytes_h2d += pages.numel() * self.page_bytes
+            flash_h2d_torch(self.host.pages(layer, self.page_size), self.cache_pages, pages, slots)
+            self._pages_h2d += (pages >= 0).sum()
+            return
+        op = self._h2d[layer]
+        if op is None:
+            op = self._h2d[layer] = FlashH2D(num_sms=self.h2d_sms).plan(self.host.pages(layer, self.page_size),
+                                                                         self.cache_pages)
+        self.flush()
+        op.run(pages, slots)
+        self._pages_h2d += (pages >= 0).sum()
 
     def resident_slots(self, layer: int, flat_pages: torch.Tensor) -> torch.Tensor:
         """Cache slots (int32) of pages known to be resident, e.g. those `write_new` just wrote this layer-step:
-        a lookup without eviction, checks or host sync (-1 for a page that is not cached)."""
+        a lookup without eviction, checks or host sync (-1 for a page that is not cached: as an index into
+        `cache_pages` that reads the trash page)."""
         return self.cache.resident[layer][flat_pages]
 
     def gather_context(self, layer: int, block_ids: torch.Tensor, length: int, key: torch.Tensor | None = None,
@@ -128,7 +175,7 @@ class OffloadTier:
             dst = (self._heads[:, None] * n_pages + p[None, :]).reshape(-1)
             self.flush()
             flash_h2d(self.host.pages(layer, ps), scratch, src, dst, num_sms=self.h2d_sms)
-            self.bytes_h2d += src.numel() * self.page_bytes
+            self._pages_h2d += src.numel()
         ctx = scratch.view(h, n_pages * ps, -1)[:, :length]
         d = ctx.shape[-1] // 2
         if n_new:
@@ -157,7 +204,7 @@ class OffloadTier:
             "hbm_misses": s["misses"],
             "hbm_evictions": s["evictions"],
             "hbm_pages_in_use": s["used_slots"],
-            "bytes_h2d": self.bytes_h2d,
+            "bytes_h2d": int(self._pages_h2d) * self.page_bytes,
             "bytes_d2h": self.bytes_d2h,
         }
 

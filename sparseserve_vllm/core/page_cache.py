@@ -1,4 +1,4 @@
-"""`PageCache`: bookkeeping of the HBM tier's LRU cache of KV pages (no data movement).
+"""`PageCache`: bookkeeping of the HBM tier's LRU cache of KV pages (no data movement), free of host syncs.
 
 Contract:
 - Keys are `(layer, page)` with `0 <= layer < num_layers` and `0 <= page < num_logical_pages`, where `page` is a
@@ -6,84 +6,116 @@ Contract:
   held in host DRAM, larger than HBM). Values are cache slot ids `0 .. num_slots - 1`; one slot holds one page
   and slots are shared by all layers.
 - All state lives in torch tensors on `device`; every operation is vectorized (no Python loop per page), so it
-  runs on GPU as on CPU:
+  runs on GPU as on CPU. Read-only views (each access may build a small tensor; not for the hot path):
     `resident`  int32 [num_layers, num_logical_pages]: slot of the key, -1 when not cached;
     `owner`     int64 [num_slots]: `layer * num_logical_pages + page` of the slot's key, -1 when free;
     `last_use`  int64 [num_slots]: stamp of the slot's last use, -1 exactly when the slot is free;
     `hits`, `misses`, `evictions`: int64 scalar tensors on `device`, updated without a host sync.
-- Stamps: `begin_step()` advances the stamp (it starts at 0); all `resolve` calls between two `begin_step` calls
-  share one stamp, and a slot used at the current stamp is never evicted.
-- `resolve(layer, pages)`: `pages` is a 1-D integer tensor; `-1` entries are padding (ignored, slot -1 returned)
-  and duplicates are allowed (every copy gets the same slot; the key is counted once). Exact semantics, also
-  implemented by the reference model in the tests:
-    1. keys already cached (hits) get their slot and their `last_use` becomes the current stamp;
-    2. the distinct missing pages, in ascending page order, take the slots that are free or whose `last_use` is
-       older than the current stamp, in ascending `(last_use, slot id)` order; free slots (`last_use == -1`)
-       therefore come first, lowest slot id first, then the least-recently-used slots;
-    3. an occupied slot that is taken is evicted: its key's `resident` entry becomes -1;
-    4. if more pages miss than slots can be taken, `CacheCapacityError` is raised and nothing changes.
-  It returns `(slots int32 [N], miss_pages int64 [M], miss_slots int32 [M])`: the slot of every entry of `pages`,
-  and the missing pages with the slots they were given. The caller then copies `miss_pages` from host DRAM into
-  `miss_slots`. `resolve` synchronizes with the host (the number of misses is data dependent): twice when every
-  page hits, three times when some miss.
+- Stamps and steps. The stamp (a Python int, starting at 0) names the current *scope*; a slot touched or taken in
+  the current scope (`last_use == stamp`) is protected: it is never taken by a `resolve` of the same scope.
+    `begin_step()`  once per engine step: `check()` (the one host sync), stamp += 1, and the *eviction ring* is
+                    recomputed: all slots sorted by `(last_use, slot id)` ascending (free slots first, lowest id
+                    first, then least recently used), with the ring *cursor* at position 0;
+    `begin_layer()` a new scope inside the step (the tier calls it for every layer after the first): stamp += 1,
+                    the ring and its cursor are kept.
+  `invalidate` and `reset` recompute the ring too (cursor 0), so freed slots come first.
+- `resolve(layer, pages)`: `pages` is a 1-D integer tensor of length N; `-1` entries are padding and duplicates are
+  allowed (every copy gets the same slot; a key is counted once). Exact semantics, also implemented by the
+  reference model in the tests:
+    0. ids outside `[-1, num_logical_pages)` are counted as *bad* and treated as padding;
+    1. cached keys (hits) get their slot and their `last_use` becomes the stamp;
+    2. the *window* is the `W = min(window, num_slots)` ring positions `cursor, cursor + 1, ..` (modulo
+       num_slots); its *takeable* slots are those with `last_use < stamp` after step 1, in window order;
+    3. the distinct missing pages in ascending page order take the takeable slots in window order, one each; the
+       k-th missing page gets the k-th takeable slot. An occupied slot that is taken is evicted (its key's
+       `resident` entry becomes -1); a taken slot gets the key and `last_use = stamp`;
+    4. if there are more missing pages than takeable slots, the pages beyond them get NO slot (slot -1, not
+       cached) and are counted as *unplaced*; nothing raises here;
+    5. the cursor moves to the position just after the last slot taken (it stays when none is taken).
+  Counters: hits += distinct cached pages, misses += distinct missing pages (placed or not), evictions += taken
+  slots that held a key. It returns three tensors of length N on `device`:
+    `slots`       int32: the slot of every entry of `pages` after the call (-1 for padding, bad and unplaced ids);
+    `miss_pages`  int64: the missing pages that got a slot, ascending, then -1;
+    `miss_slots`  int32: the slots they got, aligned with `miss_pages`, then -1.
+  The caller copies `miss_pages` from host DRAM into `miss_slots` (FlashH2D skips the -1 pairs). `resolve`
+  performs no host synchronization, no boolean-mask indexing and no `unique`/`nonzero`: it sorts N ids and scans
+  a W-slot window (W defaults to num_slots: then step 4 happens only when the cache truly cannot hold the misses
+  without evicting a protected slot; a smaller `window` is cheaper but can leave pages unplaced earlier).
+- Errors of `resolve` are deferred: `check()` synchronizes once and raises `ValueError` if bad ids were passed,
+  else `CacheCapacityError` if pages were left unplaced, since the last `check()` (then clears both counts);
+  `begin_step()` calls it. A step that left pages unplaced attended to garbage for them (the slot its caller
+  substituted for -1) before the error is raised at the next step; bad ids were read as padding.
 - `lookup` reads slots without touching; `invalidate` drops keys and frees their slots (request finished or
-  aborted); `reset` empties the cache and zeroes the counters and the stamp.
-- Page ids outside `[-1, num_logical_pages)` and layers outside `[0, num_layers)` raise `ValueError`.
+  aborted); `reset` empties the cache and zeroes the counters, the deferred errors and the stamp. These three and
+  `stats`/`num_used_slots` may synchronize (they are not on the per-layer path); `lookup` and `invalidate` raise
+  `ValueError` for ids outside `[-1, num_logical_pages)`. Every method raises `ValueError` for a layer outside
+  `[0, num_layers)` or a `pages` argument that is not a 1-D integer tensor on `device`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["CacheCapacityError", "PageCache"]
 
-_TAKEN = torch.iinfo(torch.int64).max  # eviction priority of a slot that cannot be taken
-
 
 class CacheCapacityError(RuntimeError):
-    """More pages missed in one `resolve` than the cache can hold without evicting pages of the current step."""
+    """Missing pages could not be given a slot without evicting pages protected in their scope."""
 
 
 class PageCache:
-    def __init__(self, num_layers: int, num_logical_pages: int, num_slots: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_layers: int, num_logical_pages: int, num_slots: int, device: torch.device | str = "cpu",
+                 window: int | None = None):
         for name, value in (("num_layers", num_layers), ("num_logical_pages", num_logical_pages), ("num_slots", num_slots)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"window must be None (every slot) or an integer >= 1, got {window!r}")
         self.num_layers = num_layers
         self.num_logical_pages = num_logical_pages
         self.num_slots = num_slots
+        self.window = num_slots if window is None else min(window, num_slots)
         self.device = torch.empty(0, device=device).device  # normalized, e.g. "cuda" -> cuda:0
-        # Each buffer has one trailing "trash" element: masked-out writes are redirected there, so writes need no
-        # boolean-mask indexing (which would synchronize with the host). The trash of `_resident` is always -1.
-        num_keys = num_layers * num_logical_pages
-        self._resident = torch.full((num_keys + 1,), -1, dtype=torch.int32, device=self.device)
-        self._owner = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self.device)
+        # Internal layout: every index is shifted so that a padding id lands on a "trash" entry, never read as data,
+        # and writes need no boolean-mask indexing (which would synchronize with the host):
+        #   _resident[layer * (P + 1) + page + 1]: slot of the key; column 0 of each layer is trash, always -1;
+        #   _owner[slot + 1]: the key's _resident index, 0 when free; _owner[0] is trash, always 0;
+        #   _last_use[slot + 1]: stamp; _last_use[0] is trash (written, never read);
+        #   _ring[i] and _ring[i + num_slots]: slot + 1 at ring position i (doubled: a window never wraps).
+        self._p1 = num_logical_pages + 1
+        self._resident = torch.full((num_layers * self._p1,), -1, dtype=torch.int32, device=self.device)
+        self._owner = torch.zeros(num_slots + 1, dtype=torch.int64, device=self.device)
         self._last_use = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self.device)
-        self._slot_ids = torch.arange(num_slots + 1, dtype=torch.int64, device=self.device)
-        self.hits = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.misses = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.evictions = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._ring = torch.empty(2 * num_slots, dtype=torch.int64, device=self.device)
+        self._cursor = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._window_pos = torch.arange(self.window, dtype=torch.int64, device=self.device)
+        # hits, misses, evictions, unplaced (deferred CacheCapacityError), bad ids (deferred ValueError)
+        self._counts = torch.zeros(5, dtype=torch.int64, device=self.device)
+        self.hits, self.misses, self.evictions = self._counts[0], self._counts[1], self._counts[2]
         self.stamp = 0
+        self._sort_ring()
 
     # ----------------------------------------------------------------------------------------------------- state
     @property
     def resident(self) -> torch.Tensor:
         """int32 [num_layers, num_logical_pages]: slot of each key, -1 when not cached (a view; do not write)."""
-        return self._resident[:-1].view(self.num_layers, self.num_logical_pages)
+        return self._resident.view(self.num_layers, self._p1)[:, 1:]
 
     @property
     def owner(self) -> torch.Tensor:
-        """int64 [num_slots]: `layer * num_logical_pages + page` held by each slot, -1 when free (a view)."""
-        return self._owner[:-1]
+        """int64 [num_slots]: `layer * num_logical_pages + page` held by each slot, -1 when free (a new tensor)."""
+        idx = self._owner[1:]
+        return torch.where(idx > 0, idx - idx // self._p1 - 1, -1)
 
     @property
     def last_use(self) -> torch.Tensor:
         """int64 [num_slots]: stamp of each slot's last use, -1 when free (a view)."""
-        return self._last_use[:-1]
+        return self._last_use[1:]
 
     @property
     def num_used_slots(self) -> int:
-        return int((self.owner >= 0).sum().item())
+        return int((self._owner[1:] > 0).sum().item())
 
     @property
     def num_free_slots(self) -> int:
@@ -91,9 +123,7 @@ class PageCache:
 
     def stats(self) -> dict[str, int]:
         """Counters and occupancy as Python ints (synchronizes with the host)."""
-        hits, misses, evictions, used = torch.stack(
-            [self.hits, self.misses, self.evictions, (self.owner >= 0).sum()]
-        ).tolist()
+        hits, misses, evictions, used = torch.cat([self._counts[:3], (self._owner[1:] > 0).sum().view(1)]).tolist()
         return {
             "hits": hits,
             "misses": misses,
@@ -105,104 +135,118 @@ class PageCache:
         }
 
     # ------------------------------------------------------------------------------------------------ operations
+    def check(self) -> None:
+        """Raise the errors `resolve` deferred since the last check (one host sync), clearing them."""
+        unplaced, bad = self._counts[3:].tolist()
+        if bad or unplaced:
+            self._counts[3:].zero_()
+        if bad:
+            raise ValueError(
+                f"pages must be logical flat page ids in [0, {self.num_logical_pages}) or -1 (padding); {bad} id(s) "
+                f"outside that range were passed to resolve since the last check (read as padding)"
+                + (f"; also {unplaced} missing page(s) got no slot" if unplaced else "")
+            )
+        if unplaced:
+            raise CacheCapacityError(
+                f"page cache: {unplaced} missing page(s) got no slot since the last check: of the {self.window} "
+                f"slots a resolve may scan (num_slots {self.num_slots}), too few were not protected by their scope; "
+                f"enlarge the cache or admit fewer requests"
+            )
+
     def begin_step(self) -> None:
-        """Start a new step: slots used before it become evictable again."""
+        """Start an engine step: raise deferred errors (`check`), new scope, eviction ring recomputed."""
+        self.check()
+        self.stamp += 1
+        self._sort_ring()
+
+    def begin_layer(self) -> None:
+        """Start a new protection scope inside the step (slots of earlier scopes become takeable); no sync."""
         self.stamp += 1
 
     def reset(self) -> None:
         self._resident.fill_(-1)
-        self._owner.fill_(-1)
+        self._owner.zero_()
         self._last_use.fill_(-1)
-        self.hits.zero_()
-        self.misses.zero_()
-        self.evictions.zero_()
+        self._counts.zero_()
         self.stamp = 0
+        self._sort_ring()
 
     def lookup(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
         """int32 slots of `pages` in `layer` (-1 when not cached or for -1 padding); touches nothing."""
         self._check_layer(layer)
         pages = self._check_pages(pages)
-        lo, hi = torch.stack([pages.min(), pages.max()]).tolist() if pages.numel() else (0, 0)
-        self._check_range(lo, hi)
-        return self._resident[self._flat_keys(layer, pages)]
+        self._check_range(pages)
+        return self._resident[pages + (layer * self._p1 + 1)]
 
     def invalidate(self, layer: int | None, pages: torch.Tensor) -> None:
         """Drop the keys `(layer, p)` for `p` in `pages` (every layer when `layer` is None) and free their slots.
 
-        -1 entries and pages that are not cached are ignored.
+        -1 entries and pages that are not cached are ignored. The eviction ring is recomputed (cursor 0).
         """
         if layer is not None:
             self._check_layer(layer)
         pages = self._check_pages(pages)
         if pages.numel() == 0:
             return
-        self._check_range(*torch.stack([pages.min(), pages.max()]).tolist())
-        if layer is None:
-            layers = torch.arange(self.num_layers, dtype=torch.int64, device=self.device)
-            keys = torch.where(
-                pages >= 0, layers[:, None] * self.num_logical_pages + pages[None, :], self.num_layers * self.num_logical_pages
-            ).reshape(-1)
-        else:
-            keys = self._flat_keys(layer, pages)
-        slots = self._resident[keys].to(torch.int64)
-        slots = torch.where(slots >= 0, slots, self.num_slots)  # not cached -> trash slot
-        self._owner[slots] = -1
-        self._last_use[slots] = -1
+        self._check_range(pages)
+        layers = torch.arange(self.num_layers, device=self.device) if layer is None else torch.tensor([layer], device=self.device)
+        keys = (layers[:, None] * self._p1 + 1 + pages[None, :]).reshape(-1)  # padding -> the layer's trash column
+        slots1 = self._resident[keys].to(torch.int64) + 1  # not cached -> trash slot 0
+        self._owner[slots1] = 0
+        self._last_use[slots1] = -1
         self._resident[keys] = -1
+        self._sort_ring()
 
     def resolve(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Map `pages` of `layer` to cache slots, assigning slots to the misses (see the module docstring)."""
         self._check_layer(layer)
         pages = self._check_pages(pages)
-        empty = torch.empty(0, dtype=torch.int64, device=self.device)
-        if pages.numel() == 0:
+        n = pages.numel()
+        if n == 0:
+            empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return empty.to(torch.int32), empty, empty.to(torch.int32)
-        uniq = torch.unique(pages)  # sorted ascending; host sync for its size
-        valid = uniq >= 0
-        # Clamped so that out-of-range ids (rejected below, before any write) index safely.
-        slots_u = torch.where(valid, self._resident[self._flat_keys(layer, uniq.clamp(max=self.num_logical_pages - 1))], -1)
-        slots_u = slots_u.to(torch.int64)
-        hit = slots_u >= 0
-        miss = valid & ~hit
-        hit_slots = torch.where(hit, slots_u, self.num_slots)  # non-hits -> trash slot
-        # Eviction priority of each slot, unique: (last_use, slot id) packed in one int64. Slots that cannot be
-        # taken (used at this stamp, hit by this call, or the trash slot) get TAKEN and sort last.
-        priority = torch.where(self._last_use < self.stamp, self._last_use * self.num_slots + self._slot_ids, _TAKEN)
-        priority[hit_slots] = _TAKEN
-        priority[self.num_slots] = _TAKEN
-        lo, hi, num_valid, num_miss, num_takeable = torch.stack(
-            [uniq[0], uniq[-1], valid.sum(), miss.sum(), (priority != _TAKEN).sum()]
-        ).tolist()
-        self._check_range(lo, hi)
-        if num_miss > num_takeable:
-            raise CacheCapacityError(
-                f"page cache: layer {layer} needs {num_miss} slots for missing pages but only {num_takeable} of "
-                f"{self.num_slots} slots can be taken (the others hold pages used at step stamp {self.stamp}); "
-                f"enlarge the cache or admit fewer requests"
-            )
-        self._last_use[hit_slots] = self.stamp
-        self.hits += num_valid - num_miss
-        self.misses += num_miss
-        if num_miss == 0:
-            return self._resident[self._flat_keys(layer, pages)], empty, empty.to(torch.int32)
-
-        miss_pages = uniq[miss]
-        victims = torch.topk(priority, num_miss, largest=False, sorted=True).indices
-        old_keys = self._owner[victims]
-        evicted = old_keys >= 0
-        self._resident[torch.where(evicted, old_keys, self.num_layers * self.num_logical_pages)] = -1
-        self.evictions += evicted.sum()
-        new_keys = layer * self.num_logical_pages + miss_pages
-        self._owner[victims] = new_keys
-        self._last_use[victims] = self.stamp
-        miss_slots = victims.to(torch.int32)
-        self._resident[new_keys] = miss_slots
-        return self._resident[self._flat_keys(layer, pages)], miss_pages, miss_slots
+        base = layer * self._p1 + 1  # _resident index of (layer, page 0)
+        ok = (pages >= -1) & (pages < self.num_logical_pages)
+        pages = torch.where(ok, pages, -1)
+        srt = torch.sort(pages).values  # padding first, then the distinct pages ascending (with their copies)
+        first = srt != F.pad(srt[:-1], (1, 0), value=-1)  # first copy of each distinct page (never padding)
+        keys = srt + base
+        cached = self._resident[keys]
+        self._last_use.index_fill_(0, cached.to(torch.int64) + 1, self.stamp)  # hits touched; others -> trash
+        miss = first & (cached < 0)
+        miss_rank = torch.cumsum(miss, 0)  # k-th missing page (1-based) at its first copy
+        # Window of the eviction ring from the cursor; its takeable slots ranked in window order.
+        cand = self._ring[self._cursor + self._window_pos]  # slot + 1
+        take_rank = torch.cumsum(self._last_use[cand] < self.stamp, 0)
+        num_miss, num_takeable = miss_rank[-1:], take_rank[-1:]
+        pos = torch.searchsorted(take_rank, miss_rank)  # window position of the miss_rank-th takeable slot
+        placed = miss & (miss_rank <= num_takeable)
+        victim = torch.where(placed, cand[pos.clamp_max(self.window - 1)], 0)  # slot + 1; 0 (trash) if none
+        old = self._owner[victim]
+        self._resident.index_fill_(0, old, -1)  # evicted keys (a free slot's owner 0 is trash)
+        new_keys = torch.where(placed, keys, 0)
+        self._owner.index_put_((victim,), new_keys)  # unplaced entries write 0 into the trash owner
+        self._last_use.index_fill_(0, victim, self.stamp)
+        victim_slot = (victim - 1).to(torch.int32)
+        self._resident.index_put_((new_keys,), victim_slot)  # unplaced entries write -1 into the trash column
+        num_placed = torch.minimum(num_miss, num_takeable)
+        self._cursor.add_(torch.searchsorted(take_rank, num_placed) + (num_placed > 0)).remainder_(self.num_slots)
+        self._counts.add_(torch.cat([
+            first.sum().view(1) - num_miss, num_miss, (old > 0).sum().view(1), num_miss - num_placed,
+            n - ok.sum().view(1),
+        ]))
+        out_idx = torch.where(placed, miss_rank - 1, n)  # compacted; entry n is trash, cut off
+        miss_pages = torch.full((n + 1,), -1, dtype=torch.int64, device=self.device).index_put_((out_idx,), srt)
+        miss_slots = torch.full((n + 1,), -1, dtype=torch.int32, device=self.device).index_put_((out_idx,), victim_slot)
+        return self._resident[pages + base], miss_pages[:n], miss_slots[:n]
 
     # ------------------------------------------------------------------------------------------------- helpers
-    def _flat_keys(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
-        """Index into `_resident` of each `(layer, page)`; -1 padding maps to the trash entry."""
-        return torch.where(pages >= 0, layer * self.num_logical_pages + pages, self.num_layers * self.num_logical_pages)
+    def _sort_ring(self) -> None:
+        """Eviction ring: slots by ascending (last_use, slot id) (a stable sort of slot-ordered stamps); cursor 0."""
+        order = torch.sort(self._last_use[1:], stable=True).indices + 1
+        self._ring[: self.num_slots] = order
+        self._ring[self.num_slots:] = order
+        self._cursor.zero_()
 
     def _check_layer(self, layer: int) -> None:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
@@ -217,7 +261,11 @@ class PageCache:
             raise ValueError(f"pages must be on the cache's device {self.device}, got {pages.device}")
         return pages.to(torch.int64)
 
-    def _check_range(self, lo: int, hi: int) -> None:
+    def _check_range(self, pages: torch.Tensor) -> None:
+        """Synchronizes: used by `lookup` and `invalidate` only."""
+        if pages.numel() == 0:
+            return
+        lo, hi = torch.stack([pages.min(), pages.max()]).tolist()
         if lo < -1 or hi >= self.num_logical_pages:
             raise ValueError(
                 f"pages must be logical flat page ids in [0, {self.num_logical_pages}) or -1 (padding); "

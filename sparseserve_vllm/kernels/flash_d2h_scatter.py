@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .uva_launch import check_launch, next_pow2
+
 __all__ = ["FlashD2HScatter", "flash_d2h_scatter_torch"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -150,20 +152,11 @@ def _check_ranges(slots: torch.Tensor, layer: int | torch.Tensor, host_kv: torch
             raise ValueError(f"layer values must be in [0, {host_kv.shape[0]}), got {lay.min()} .. {lay.max()}")
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 class FlashD2HScatter:
     """One-launch row scatter device -> pinned host store (see the module docstring). `plan` once, `run` many."""
 
     def __init__(self, *, num_sms: int | None = None, tile_bytes: int = 16384, num_warps: int = 4):
-        if num_sms is not None and (not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 1):
-            raise ValueError(f"num_sms must be None (all SMs) or an integer >= 1, got {num_sms!r}")
-        if not isinstance(tile_bytes, int) or tile_bytes < 16 or tile_bytes & (tile_bytes - 1):
-            raise ValueError(f"tile_bytes must be a power of two >= 16, got {tile_bytes!r}")
-        if num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps!r}")
+        check_launch(num_sms, tile_bytes, num_warps)
         self.num_sms = num_sms
         self.tile_bytes = tile_bytes
         self.num_warps = num_warps
@@ -188,7 +181,7 @@ class FlashD2HScatter:
             if row_bytes % word_bytes == 0 and host_kv.data_ptr() % word_bytes == 0:
                 break
         row_words = row_bytes // word_bytes
-        row_block = _next_pow2(row_words)
+        row_block = next_pow2(row_words)
         self._host_kv = host_kv  # keeps the store alive while planned
         self._dst_addr = host_kv.data_ptr()
         self._word_dtype, self._word_bytes = word_dtype, word_bytes

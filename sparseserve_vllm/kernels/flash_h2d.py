@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .uva_launch import check_launch, next_pow2
+
 __all__ = ["FlashH2D", "flash_h2d", "flash_h2d_torch"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -91,20 +93,11 @@ def _check_pages(name: str, pages: object) -> torch.Tensor:
     return pages
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 class FlashH2D:
     """One-launch page gather host -> device (see the module docstring). Reusable: `plan` once, `run` many."""
 
     def __init__(self, *, num_sms: int | None = None, tile_bytes: int = 32768, num_warps: int = 8):
-        if num_sms is not None and (not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 1):
-            raise ValueError(f"num_sms must be None (all SMs) or an integer >= 1, got {num_sms!r}")
-        if not isinstance(tile_bytes, int) or tile_bytes < 16 or tile_bytes & (tile_bytes - 1):
-            raise ValueError(f"tile_bytes must be a power of two >= 16, got {tile_bytes!r}")
-        if num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps!r}")
+        check_launch(num_sms, tile_bytes, num_warps)
         self.num_sms = num_sms
         self.tile_bytes = tile_bytes
         self.num_warps = num_warps
@@ -142,7 +135,7 @@ class FlashH2D:
                 break
         words_per_page = page_bytes // word_bytes
         tile_words = max(1, self.tile_bytes // word_bytes)
-        chunk_words = min(tile_words, _next_pow2(words_per_page))
+        chunk_words = min(tile_words, next_pow2(words_per_page))
         chunks_per_page = triton.cdiv(words_per_page, chunk_words)
         if chunks_per_page > 1:
             # Prefer a chunk that divides the page (no tail mask) unless that makes chunks tiny.

@@ -22,10 +22,12 @@ Optional fused outputs (so that the whole decode step needs no torch temporaries
   * ``counters`` int64 ``[3]``: incremented by (pages scored = ``Hkv * nf`` summed over requests, pages selected,
     tokens in the selected pages) without host synchronisation.
 
-Triton kernel: one program per (request, KV head) holding the whole score row in registers (``P <= 16384``).
-The threshold score of rank ``num_select - |forced|`` is found by a 32-step bisection on an order-preserving
-int32 encoding of the fp32 scores; ties at the threshold are resolved by a prefix sum (lowest index first);
-the selected mask is compacted with a prefix sum, so the output is ascending by construction (no sort).
+Triton kernel: one program per (request, KV head) that walks its request's own ``n`` pages in chunks (``P <=
+16384``; the cost follows the context, not ``P``, so a plan sized for the longest context costs nothing extra for
+short ones). The threshold score of rank ``num_select - |forced|`` is found by a 32-step bisection on an
+order-preserving int32 encoding of the fp32 scores; ties at the threshold are resolved by a running prefix sum
+(lowest index first); the selected mask is compacted with a running prefix sum, so the output is ascending by
+construction (no sort).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import triton.language as tl
 from .pages import pages_to_slots, resolve_backend
 
 MAX_SELECT_PAGES = 16384
-# Launch configuration: num_warps None = by row length (tuned by benchmarks/bench_sparse_decode.py --tune).
-SELECT_LAUNCH = {"num_warps": None}
+# Launch configuration: pages per chunk and warps (tuned by benchmarks/bench_sparse_decode.py --tune).
+SELECT_LAUNCH = {"chunk": 1024, "num_warps": 4}
 
 
 def _validate(scores, seq_lens, page_size, num_select, sink_pages, recent_pages, out, block_table, ppb,
@@ -124,68 +126,95 @@ def select_pages_torch(scores, seq_lens, *, page_size, num_select, sink_pages, r
 
 
 @triton.jit
+def _score_keys(row_ptr, idx, mask):
+    """int64 keys monotone in the fp32 scores at `row_ptr + idx` (NaN and masked-out entries count as -inf)."""
+    s = tl.load(row_ptr + idx, mask=mask, other=float("-inf"))
+    s = tl.where(s != s, float("-inf"), s)
+    bits = s.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+
+
+@triton.jit
 def _select_pages_kernel(
     scores_ptr, seq_ptr, out_ptr, bt_ptr, slots_ptr, lens_ptr, cnt_ptr,
     stride_sb, stride_sh, stride_btb,
     n_pages, num_kv_heads, page_size, ppb, num_select, sink_pages, recent_pages,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_SLOTS: tl.constexpr, COUNT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_SLOTS: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_kv_heads
     h = pid % num_kv_heads
     sl = tl.load(seq_ptr + b).to(tl.int32)
-    n = (sl + page_size - 1) // page_size
-    nf = sl // page_size
-
-    idx = tl.arange(0, BLOCK_P)
-    in_row = idx < n_pages
-    s = tl.load(scores_ptr + b * stride_sb + h * stride_sh + idx, mask=in_row, other=float("-inf"))
-    s = tl.where(s != s, float("-inf"), s)
-    bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # monotone in the float value
-
-    forced = (((idx < sink_pages) & (idx < nf)) | ((idx >= nf - recent_pages) & (idx < nf))
-              | ((idx == n - 1) & (sl % page_size != 0))) & in_row
-    cand = (idx < nf) & (~forced) & in_row
-    need = num_select - tl.sum(forced.to(tl.int32), axis=0)
-
+    n = tl.minimum((sl + page_size - 1) // page_size, n_pages)
+    nf = tl.minimum(sl // page_size, n)
+    partial = (sl % page_size != 0) & (n > nf)
+    row_s = scores_ptr + b * stride_sb + h * stride_sh
+    ar = tl.arange(0, CHUNK)
+    # |forced| = sinks + recent (minus their overlap) + the partial page.
+    n_sink = tl.minimum(sink_pages, nf)
+    recent_lo = tl.maximum(nf - recent_pages, 0)
+    need = num_select - (n_sink + (nf - recent_lo) - tl.maximum(n_sink - recent_lo, 0) + partial.to(tl.int32))
     # Largest threshold t with |{cand: key >= t}| >= need: bisection over the int32 key range with the invariant
-    # count(>= lo) >= need > count(>= hi). (A radix-16 variant testing 16 thresholds per round was slower on H200.)
-    key64 = tl.where(cand, key, -2147483648).to(tl.int64)
+    # count(>= lo) >= need > count(>= hi); each step counts over the request's own pages only, CHUNK at a time
+    # (so the cost follows the context, not the planned maximum).
     lo = tl.zeros((), dtype=tl.int64) - 2147483648
     hi = tl.zeros((), dtype=tl.int64) + 2147483648
-    for _ in range(32):
-        mid = lo + (hi - lo) // 2
-        ok = tl.sum((key64 >= mid).to(tl.int32), axis=0) >= need
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    above = cand & (key64 > lo)
-    tie = cand & (key64 == lo)
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)
-    take = tie & (tie_rank <= need - tl.sum(above.to(tl.int32), axis=0))
-    sel = tl.where(n <= num_select, idx < n, forced | above | take) & in_row
-
-    count = tl.sum(sel.to(tl.int32), axis=0)
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    if n > num_select:
+        for _ in range(32):
+            mid = lo + (hi - lo) // 2
+            cnt = tl.zeros((), dtype=tl.int32)
+            for c0 in range(0, nf, CHUNK):
+                idx = c0 + ar
+                cand = (idx < nf) & (idx >= n_sink) & (idx < recent_lo)
+                key = _score_keys(row_s, idx, cand)
+                cnt += tl.sum((cand & (key >= mid)).to(tl.int32), axis=0)
+            ok = cnt >= need
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+    # Pass over the pages: select, compact in ascending order, write slots and counters.
     row = pid.to(tl.int64) * num_select
-    tl.store(out_ptr + row + pos, idx, mask=sel)
+    n_above = tl.zeros((), dtype=tl.int32)
+    if n > num_select:
+        for c0 in range(0, nf, CHUNK):
+            idx = c0 + ar
+            cand = (idx < nf) & (idx >= n_sink) & (idx < recent_lo)
+            key = _score_keys(row_s, idx, cand)
+            n_above += tl.sum((cand & (key > lo)).to(tl.int32), axis=0)
+    ties_left = need - n_above
+    count = tl.zeros((), dtype=tl.int32)
+    tokens = tl.zeros((), dtype=tl.int32)
+    for c0 in range(0, n, CHUNK):
+        idx = c0 + ar
+        in_row = idx < n
+        forced = (idx < n_sink) | ((idx >= recent_lo) & (idx < nf)) | ((idx == n - 1) & partial)
+        cand = (idx < nf) & ~forced
+        key = _score_keys(row_s, idx, cand)
+        tie = cand & (key == lo)
+        tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)
+        take = tie & (tie_rank <= ties_left)
+        ties_left -= tl.sum(take.to(tl.int32), axis=0)
+        sel = tl.where(n <= num_select, in_row, forced | (cand & (key > lo)) | take) & in_row
+        pos = count + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + row + pos, idx, mask=sel)
+        plen = tl.minimum(tl.maximum(sl - idx * page_size, 0), page_size)
+        if WRITE_SLOTS:
+            blk = tl.load(bt_ptr + b * stride_btb + idx // ppb, mask=sel, other=0).to(tl.int64)
+            slot = (blk * num_kv_heads + h) * ppb + idx % ppb
+            tl.store(slots_ptr + row + pos, slot.to(tl.int32), mask=sel)
+            tl.store(lens_ptr + row + pos, plen, mask=sel)
+        count += tl.sum(sel.to(tl.int32), axis=0)
+        tokens += tl.sum(tl.where(sel, plen, 0), axis=0)
     j = tl.arange(0, BLOCK_K)
     pad = (j >= count) & (j < num_select)
     tl.store(out_ptr + row + j, tl.full([BLOCK_K], -1, tl.int32), mask=pad)
-
-    plen = tl.minimum(tl.maximum(sl - idx * page_size, 0), page_size)
     if WRITE_SLOTS:
-        blk = tl.load(bt_ptr + b * stride_btb + idx // ppb, mask=sel, other=0).to(tl.int64)
-        slot = (blk * num_kv_heads + h) * ppb + idx % ppb
-        tl.store(slots_ptr + row + pos, slot.to(tl.int32), mask=sel)
-        tl.store(lens_ptr + row + pos, plen, mask=sel)
         zeros = tl.zeros([BLOCK_K], dtype=tl.int32)
         tl.store(slots_ptr + row + j, zeros, mask=pad)
         tl.store(lens_ptr + row + j, zeros, mask=pad)
     if COUNT:
         tl.atomic_add(cnt_ptr + 0, nf.to(tl.int64))
         tl.atomic_add(cnt_ptr + 1, count.to(tl.int64))
-        tl.atomic_add(cnt_ptr + 2, tl.sum(tl.where(sel, plen, 0), axis=0).to(tl.int64))
+        tl.atomic_add(cnt_ptr + 2, tokens.to(tl.int64))
 
 
 def select_pages(scores, seq_lens, *, page_size, num_select, sink_pages, recent_pages, out=None,
@@ -203,7 +232,7 @@ def select_pages(scores, seq_lens, *, page_size, num_select, sink_pages, recent_
         raise ValueError(f"scores.shape[-1] (pages per request) must be <= {MAX_SELECT_PAGES}, got {n_pages}")
     if bsz == 0:
         return out
-    block_p = triton.next_power_of_2(max(n_pages, 16))
+    chunk = min(triton.next_power_of_2(max(n_pages, 16)), SELECT_LAUNCH["chunk"])
     write_slots = block_table is not None
     _select_pages_kernel[(bsz * hkv,)](
         scores, seq_lens, out,
@@ -211,8 +240,7 @@ def select_pages(scores, seq_lens, *, page_size, num_select, sink_pages, recent_
         lens_out if write_slots else out, counters if counters is not None else out,
         scores.stride(0), scores.stride(1), block_table.stride(0) if write_slots else 0,
         n_pages, hkv, page_size, ppb if write_slots else 1, num_select, sink_pages, recent_pages,
-        BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(num_select), WRITE_SLOTS=write_slots,
-        COUNT=counters is not None,
-        num_warps=SELECT_LAUNCH["num_warps"] or (4 if block_p <= 1024 else (8 if block_p <= 4096 else 16)),
+        CHUNK=chunk, BLOCK_K=triton.next_power_of_2(num_select), WRITE_SLOTS=write_slots,
+        COUNT=counters is not None, num_warps=SELECT_LAUNCH["num_warps"],
     )
     return out

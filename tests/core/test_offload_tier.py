@@ -1,7 +1,8 @@
 """`OffloadTier` on the CPU (plain host store, a small "HBM" page pool): data lands where the contract says.
 
 A reference KV tensor in the host layout is kept next to the tier; every check compares what the tier returns
-(cache pages, gathered context) with the reference, after evictions forced by a pool smaller than the KV.
+(cache pages, gathered context) with the reference, after evictions forced by a pool smaller than the KV. The pool
+is poisoned with NaN and has one slot more than the cache manages: the trash page (the last slot).
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ import torch
 
 from sparseserve_vllm.core.host_kv import HostKVStore
 from sparseserve_vllm.core.offload_tier import OffloadTier
+from sparseserve_vllm.core.page_cache import CacheCapacityError
+import sparseserve_vllm.kernels.flash_h2d as fh
+
+from .test_page_cache import forbid_host_sync
 
 LAYERS, BLOCKS, HKV, BS, D, PS = 2, 6, 2, 16, 8, 4
 PPB = BS // PS
 
 
 def make_tier(num_slots: int) -> OffloadTier:
+    """A tier whose page cache has `num_slots` slots (the pool has one more: the trash page)."""
     host = HostKVStore(LAYERS, BLOCKS, HKV, BS, D, torch.float32, pin=False)
     host.kv.fill_(float("nan"))  # poisoned: anything read before it is written shows up
-    pool = torch.full((num_slots, PS, 2 * D), float("nan"))
+    pool = torch.full((num_slots + 1, PS, 2 * D), float("nan"))
     return OffloadTier(host=host, cache_pages=pool, page_size=PS, max_tokens=64, d2h_threads=2)
 
 
@@ -27,7 +33,7 @@ def write_tokens(tier, ref, layer, slots, gen):
     k = torch.randn(len(slots), HKV, D, generator=gen)
     v = torch.randn(len(slots), HKV, D, generator=gen)
     sm = torch.tensor(slots, dtype=torch.long)
-    tier.begin_layer()
+    tier.begin_layer(layer)
     tier.write_new(layer, k, v, sm)
     tier.save(layer, k, v, sm)
     for t, s in enumerate(slots):
@@ -55,7 +61,7 @@ def test_saved_pages_come_back_after_eviction_and_gather_matches():
     # Every written page resolves to a slot holding its reference data, one layer at a time.
     for layer in range(LAYERS):
         for block in (1, 3, 4):
-            tier.begin_layer()
+            tier.begin_layer(layer)
             pages = tier.block_pages(torch.tensor([block])).reshape(-1)
             slots = tier.resolve(layer, torch.cat([pages, torch.tensor([-1])]))
             assert slots[-1] == -1
@@ -107,13 +113,97 @@ def test_free_blocks_gives_every_slot_back():
     tier.close()
 
 
-def test_more_pages_than_the_pool_in_one_layer_step_is_refused():
-    from sparseserve_vllm.core.page_cache import CacheCapacityError
-
+def test_more_pages_than_the_pool_in_one_layer_step_raises_at_the_next_step():
+    gen = torch.Generator().manual_seed(4)
     tier = make_tier(num_slots=HKV * PPB)
-    tier.begin_layer()
+    ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
+    write_tokens(tier, ref, 0, list(range(BS)), gen)  # block 0 fills the cache
+    tier.flush()
+    tier.begin_layer(1)  # same step, a new scope: block 0's pages may be evicted, block 2's are protected
+    pages = tier.block_pages(torch.tensor([0, 2])).reshape(-1)  # twice the cache
+    # Pages of layer 0 are missing in layer 1: half of them get the slots, the rest get none (-1), silently.
+    slots = tier.resolve(1, pages)
+    assert (slots >= 0).sum().item() == HKV * PPB and sorted(slots[slots >= 0].tolist()) == list(range(HKV * PPB))
+    assert (slots[HKV * PPB:] == -1).all()
+    k, v = torch.randn(1, HKV, D, generator=gen), torch.randn(1, HKV, D, generator=gen)
+    tier.write_new(1, k, v, torch.tensor([3 * BS]))  # block 3's pages get no slot: their token goes to the trash
+    assert (tier.resident_slots(1, tier.token_pages(torch.tensor([3 * BS])).reshape(-1)) == -1).all()
+    assert not tier.cache_pages[-1, 0].isnan().any()  # the trash page took it
     with pytest.raises(CacheCapacityError, match="enlarge the cache"):
-        tier.resolve(0, tier.block_pages(torch.tensor([0, 1])).reshape(-1))
+        tier.begin_layer(0)
+    tier.begin_layer(0)  # raised once
+    tier.close()
+
+
+def test_padding_writes_only_the_trash_page():
+    gen = torch.Generator().manual_seed(5)
+    tier = make_tier(num_slots=3 * HKV * PPB)
+    ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
+    write_tokens(tier, ref, 0, [-1, 2 * BS + 1, -1, -1, 2 * BS, -1], gen)
+    written = tier.resident_slots(0, tier.token_pages(torch.tensor([2 * BS])).reshape(-1)).tolist()
+    assert sorted(written) == list(range(HKV))  # the page of each KV head got the first free slots
+    for s in range(tier.trash_slot):
+        if s not in written:
+            assert tier.cache_pages[s].isnan().all()  # untouched
+    for p, s in zip(tier.token_pages(torch.tensor([2 * BS])).reshape(-1).tolist(), written):
+        torch.testing.assert_close(tier.cache_pages[s, :2], ref_page(ref, 0, p)[:2], rtol=0, atol=0)
+    assert not tier.cache_pages[tier.trash_slot].isnan().all()
+    assert tier.stats()["bytes_h2d"] == 0  # a fresh page loads nothing
+    tier.close()
+
+
+@pytest.mark.skipif(not fh._INTERPRET, reason="a CPU pool without TRITON_INTERPRET=1 loads with the torch path, "
+                                             "which synchronizes by design")
+def test_write_new_and_resolve_call_nothing_that_syncs():
+    gen = torch.Generator().manual_seed(6)
+    tier = make_tier(num_slots=HKV * PPB)
+    ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
+    write_tokens(tier, ref, 0, list(range(5 * BS, 5 * BS + 6)), gen)  # two pages of block 5 ...
+    write_tokens(tier, ref, 0, list(range(BS)), gen)  # ... evicted by block 0
+    tier.flush()
+    k, v = torch.randn(3, HKV, D, generator=gen), torch.randn(3, HKV, D, generator=gen)
+    sm = torch.tensor([5 * BS + 6, -1, 5 * BS + 8])  # a page with older tokens and a fresh one
+    ref[0, 5, :, 6, :D], ref[0, 5, :, 6, D:] = k[0], v[0]
+    ref[0, 5, :, 8, :D], ref[0, 5, :, 8, D:] = k[2], v[2]
+    tier.begin_layer(0)
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_host_sync(mp)
+        # FlashH2D range-checks CPU ids (int(max)); with device ids (CUDA) it checks nothing: stub the CPU check.
+        mp.setattr(fh, "_check_id_range", lambda *a: None)
+        tier.write_new(0, k, v, sm)
+        slots = tier.resolve(0, tier.block_pages(torch.tensor([5])).reshape(-1)[:: PPB])  # page 0 of each head
+    pages = tier.token_pages(torch.tensor([5 * BS + 6, 5 * BS + 8])).reshape(-1)
+    for p, s in zip(pages.tolist(), tier.resident_slots(0, pages).tolist()):
+        valid = 3 if p % PPB == 1 else 1  # page 1: tokens 4..6 (4, 5 loaded back); page 2: token 8 only
+        torch.testing.assert_close(tier.cache_pages[s, :valid], ref_page(ref, 0, p)[:valid], rtol=0, atol=0)
+    for p, s in zip(tier.block_pages(torch.tensor([5])).reshape(-1)[:: PPB].tolist(), slots.tolist()):
+        torch.testing.assert_close(tier.cache_pages[s], ref_page(ref, 0, p), rtol=0, atol=0)
+    assert tier.stats()["bytes_h2d"] == 2 * HKV * tier.page_bytes  # page 1 (older tokens) and page 0, not page 2
+    tier.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_write_new_and_resolve_do_not_sync():
+    host = HostKVStore(LAYERS, BLOCKS, HKV, BS, D, torch.float16, pin=True)
+    host.kv.normal_()
+    pool = torch.zeros((HKV * PPB + 1, PS, 2 * D), dtype=torch.float16, device="cuda")
+    tier = OffloadTier(host=host, cache_pages=pool, page_size=PS, max_tokens=64)
+    k = torch.randn(3, HKV, D, dtype=torch.float16, device="cuda")
+    sm = torch.tensor([BS + 1, -1, 2 * BS], device="cuda")
+    pages = tier.block_pages(torch.tensor([3, 4])).reshape(-1)[::2].contiguous()
+    for layer in range(LAYERS):
+        tier.begin_layer(layer)
+        tier.write_new(layer, k, k, sm)  # warm-up: plans FlashH2D, compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            tier.write_new(layer, k, k, sm)
+            slots = tier.resolve(layer, pages)
+            tier.save(layer, k, k, sm)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        want = host.pages(layer, PS)[pages.cpu()]
+        torch.testing.assert_close(pool[slots.long()].cpu(), want, rtol=0, atol=0)
     tier.close()
 
 

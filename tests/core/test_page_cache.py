@@ -1,8 +1,11 @@
 """`PageCache` against a plain-Python reference model with the same documented semantics.
 
-Reference semantics (the module docstring of `page_cache`): hits are touched with the current stamp; the distinct
-misses, in ascending page order, take the slots whose last use is older than the stamp (free slots count as last
-use -1) in ascending (last use, slot id) order; too many misses raise `CacheCapacityError` and change nothing.
+Reference semantics (the module docstring of `page_cache`): `begin_step` checks the deferred errors, opens a new
+scope and sorts all slots by (last use, slot id) into the eviction ring (cursor 0); `begin_layer` only opens a new
+scope. `resolve` reads bad ids as padding, touches hits with the stamp, then gives the distinct misses, ascending,
+the takeable slots (last use older than the stamp) of the window of `W` ring positions from the cursor, in window
+order; misses beyond them stay unplaced; the cursor moves just past the last slot taken. `check` raises
+`ValueError` for bad ids, else `CacheCapacityError` for unplaced misses.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from sparseserve_vllm.core.page_cache import CacheCapacityError, PageCache
 
 
 class RefCache:
-    """dict + stamps: the obvious Python implementation of the documented semantics."""
+    """dicts, lists and a ring list: the obvious Python implementation of the documented semantics."""
 
-    def __init__(self, num_layers: int, num_pages: int, num_slots: int):
+    def __init__(self, num_layers: int, num_pages: int, num_slots: int, window: int | None = None):
         self.num_layers, self.num_pages, self.num_slots = num_layers, num_pages, num_slots
+        self.window = num_slots if window is None else min(window, num_slots)
         self.reset()
 
     def reset(self) -> None:
@@ -30,34 +34,57 @@ class RefCache:
         self.key_of: list[tuple[int, int] | None] = [None] * self.num_slots
         self.last: list[int] = [-1] * self.num_slots
         self.stamp = 0
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = self.evictions = self.unplaced = self.bad = 0
+        self.sort_ring()
+
+    def sort_ring(self) -> None:
+        self.ring = sorted(range(self.num_slots), key=lambda s: (self.last[s], s))
+        self.cursor = 0
+
+    def check(self) -> None:
+        bad, unplaced = self.bad, self.unplaced
+        self.bad = self.unplaced = 0
+        if bad:
+            raise ValueError(f"{bad} bad")
+        if unplaced:
+            raise CacheCapacityError(f"{unplaced} unplaced")
 
     def begin_step(self) -> None:
+        self.check()
+        self.stamp += 1
+        self.sort_ring()
+
+    def begin_layer(self) -> None:
         self.stamp += 1
 
     def resolve(self, layer: int, pages: list[int]):
-        distinct = sorted({p for p in pages if p != -1})
-        hit_slots = {self.slot_of[(layer, p)] for p in distinct if (layer, p) in self.slot_of}
+        n = len(pages)
+        good = [p if -1 <= p < self.num_pages else -1 for p in pages]
+        self.bad += sum(p != q for p, q in zip(pages, good))
+        distinct = sorted({p for p in good if p != -1})
+        for p in distinct:
+            if (layer, p) in self.slot_of:
+                self.last[self.slot_of[(layer, p)]] = self.stamp
         misses = [p for p in distinct if (layer, p) not in self.slot_of]
-        takeable = sorted(
-            (s for s in range(self.num_slots) if self.last[s] < self.stamp and s not in hit_slots),
-            key=lambda s: (self.last[s], s),
-        )
-        if len(misses) > len(takeable):
-            raise CacheCapacityError(f"{len(misses)} > {len(takeable)}")
-        for s in hit_slots:
-            self.last[s] = self.stamp
-        for p, s in zip(misses, takeable):
+        window = [self.ring[(self.cursor + i) % self.num_slots] for i in range(self.window)]
+        takeable = [i for i, s in enumerate(window) if self.last[s] < self.stamp]
+        placed = min(len(misses), len(takeable))
+        victims = [window[i] for i in takeable[:placed]]
+        for p, s in zip(misses, victims):
             if self.key_of[s] is not None:
                 del self.slot_of[self.key_of[s]]
                 self.evictions += 1
             self.key_of[s] = (layer, p)
             self.slot_of[(layer, p)] = s
             self.last[s] = self.stamp
-        self.hits += len(hit_slots)
+        if placed:
+            self.cursor = (self.cursor + takeable[placed - 1] + 1) % self.num_slots
+        self.hits += len(distinct) - len(misses)
         self.misses += len(misses)
-        slots = [self.slot_of[(layer, p)] if p != -1 else -1 for p in pages]
-        return slots, misses, takeable[: len(misses)]
+        self.unplaced += len(misses) - placed
+        slots = [self.slot_of.get((layer, p), -1) for p in good]
+        pad = [-1] * (n - placed)
+        return slots, misses[:placed] + pad, victims + pad
 
     def lookup(self, layer: int, pages: list[int]) -> list[int]:
         return [self.slot_of.get((layer, p), -1) for p in pages]
@@ -70,6 +97,8 @@ class RefCache:
                 if s is not None:
                     self.key_of[s] = None
                     self.last[s] = -1
+        if pages:
+            self.sort_ring()
 
     def resident(self) -> list[list[int]]:
         out = [[-1] * self.num_pages for _ in range(self.num_layers)]
@@ -100,33 +129,50 @@ def _assert_same_state(cache: PageCache, ref: RefCache) -> None:
             assert resident[key].item() == slot
 
 
+def _check_both(cache: PageCache, ref: RefCache, call) -> None:
+    """Run `call(x)` on both; they must raise the same deferred error class, or neither."""
+    try:
+        call(ref)
+    except (ValueError, CacheCapacityError) as e:
+        with pytest.raises(type(e), match="pages must be" if isinstance(e, ValueError) else "got no slot"):
+            call(cache)
+        event(type(e).__name__)
+        return
+    call(cache)
+
+
 L, P, S = 2, 10, 5
 page_lists = st.lists(st.integers(min_value=-1, max_value=P - 1), max_size=9)
+bad_page_lists = st.lists(st.integers(min_value=-3, max_value=P + 2), max_size=4)
 
 
 class PageCacheMachine(RuleBasedStateMachine):
-    @initialize()
-    def setup(self):
-        self.cache = PageCache(L, P, S)
-        self.ref = RefCache(L, P, S)
+    @initialize(window=st.sampled_from([None, 2, 3, S + 2]))
+    def setup(self, window):
+        self.cache = PageCache(L, P, S, window=window)
+        self.ref = RefCache(L, P, S, window=window)
 
     @rule()
     def begin_step(self):
-        self.cache.begin_step()
-        self.ref.begin_step()
+        _check_both(self.cache, self.ref, lambda c: c.begin_step())
 
-    @rule(layer=st.integers(0, L - 1), pages=page_lists)
+    @rule()
+    def begin_layer(self):
+        self.cache.begin_layer()
+        self.ref.begin_layer()
+
+    @rule()
+    def check(self):
+        _check_both(self.cache, self.ref, lambda c: c.check())
+
+    @rule(layer=st.integers(0, L - 1), pages=page_lists | bad_page_lists)
     def resolve(self, layer, pages):
-        try:
-            expected = self.ref.resolve(layer, pages)
-        except CacheCapacityError:
-            with pytest.raises(CacheCapacityError, match="slots"):
-                self.cache.resolve(layer, _t(pages))
-            event("capacity error")
-            return
+        expected = self.ref.resolve(layer, pages)
         slots, miss_pages, miss_slots = self.cache.resolve(layer, _t(pages))
         assert slots.dtype == torch.int32 and miss_slots.dtype == torch.int32 and miss_pages.dtype == torch.int64
         assert (slots.tolist(), miss_pages.tolist(), miss_slots.tolist()) == expected
+        if self.ref.unplaced:
+            event("unplaced pages")
 
     @rule(layer=st.integers(0, L - 1), pages=page_lists)
     def lookup(self, layer, pages):
@@ -146,6 +192,8 @@ class PageCacheMachine(RuleBasedStateMachine):
     @invariant()
     def same_state(self):
         _assert_same_state(self.cache, self.ref)
+        assert self.cache._cursor.item() == self.ref.cursor
+        assert [s - 1 for s in self.cache._ring[: S].tolist()] == self.ref.ring
 
 
 PageCacheMachine.TestCase.settings = settings(
@@ -154,27 +202,51 @@ PageCacheMachine.TestCase.settings = settings(
 TestPageCacheMachine = PageCacheMachine.TestCase
 
 
-def test_lru_order_and_stamp_protection():
+def test_lru_order_scopes_and_deferred_capacity_error():
     cache = PageCache(num_layers=2, num_logical_pages=16, num_slots=4)
     slots, miss_pages, miss_slots = cache.resolve(0, _t([7, 3, 3, -1, 5]))
-    # Misses in ascending page order take free slots lowest first; duplicates get the same slot.
-    assert miss_pages.tolist() == [3, 5, 7] and miss_slots.tolist() == [0, 1, 2]
+    # Misses in ascending page order take free slots lowest first; duplicates get the same slot; -1 padded.
+    assert miss_pages.tolist() == [3, 5, 7, -1, -1] and miss_slots.tolist() == [0, 1, 2, -1, -1]
     assert slots.tolist() == [2, 0, 0, -1, 1]
-    cache.begin_step()
+    cache.begin_step()  # ring: free slot 3, then 0, 1, 2 (all used at stamp 0)
     cache.resolve(0, _t([5]))  # touch page 5 (slot 1) at stamp 1
     _, miss_pages, miss_slots = cache.resolve(1, _t([0, 1]))
-    # Free slot 3 first, then the LRU among stamp-0 slots {0, 2}: lowest slot id 0 (page 3 evicted).
+    # Free slot 3 first, then the LRU slot 0 (page 3 evicted); slot 1 is protected in this scope.
     assert miss_pages.tolist() == [0, 1] and miss_slots.tolist() == [3, 0]
     assert cache.lookup(0, _t([3, 5, 7])).tolist() == [-1, 1, 2]
-    # Only slot 2 is older than the current stamp: two misses cannot fit, and nothing changes.
-    before = (cache.resident.clone(), cache.owner.clone(), cache.last_use.clone(), cache.stats())
-    with pytest.raises(CacheCapacityError, match=r"needs 2 slots .* only 1 of 4"):
-        cache.resolve(0, _t([8, 9, 5]))
-    after = (cache.resident, cache.owner, cache.last_use, cache.stats())
-    assert all(torch.equal(a, b) for a, b in zip(before[:3], after[:3])) and before[3] == after[3]
+    # Only slot 2 is takeable in this scope: page 8 gets it, page 9 stays unplaced; nothing raises yet.
+    slots, miss_pages, miss_slots = cache.resolve(0, _t([8, 9, 5]))
+    assert slots.tolist() == [2, -1, 1] and miss_pages.tolist() == [8, -1, -1] and miss_slots.tolist() == [2, -1, -1]
     assert cache.stats() == {
-        "hits": 1, "misses": 5, "evictions": 1, "used_slots": 4, "free_slots": 0, "num_slots": 4, "stamp": 1,
+        "hits": 2, "misses": 7, "evictions": 2, "used_slots": 4, "free_slots": 0, "num_slots": 4, "stamp": 1,
     }
+    with pytest.raises(CacheCapacityError, match=r"1 missing page\(s\) got no slot .* enlarge the cache"):
+        cache.begin_step()
+    cache.check()  # cleared once raised
+    # A new scope inside the step makes the slots of earlier scopes takeable, from the cursor on (past slot 2).
+    cache.begin_layer()
+    _, miss_pages, miss_slots = cache.resolve(0, _t([9]))
+    assert miss_pages.tolist() == [9] and miss_slots.tolist() == [3]  # ring 3, 0, 1, 2; cursor was at 3
+    cache.begin_step()
+
+
+def test_bad_ids_are_padding_until_check_raises():
+    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=4)
+    slots, miss_pages, _ = cache.resolve(0, _t([8, 2, -2]))
+    assert slots.tolist() == [-1, 0, -1] and miss_pages.tolist() == [2, -1, -1]
+    with pytest.raises(ValueError, match=r"\[0, 8\) .* 2 id\(s\)"):
+        cache.check()
+    cache.begin_step()  # cleared
+
+
+def test_window_limits_the_scan():
+    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=4, window=2)
+    _, miss_pages, miss_slots = cache.resolve(0, _t([0, 1, 2]))
+    assert miss_pages.tolist() == [0, 1, -1] and miss_slots.tolist() == [0, 1, -1]  # free slots 2, 3 not scanned
+    _, miss_pages, miss_slots = cache.resolve(0, _t([2]))  # the cursor moved on: slot 2
+    assert miss_pages.tolist() == [2] and miss_slots.tolist() == [2]
+    with pytest.raises(CacheCapacityError):
+        cache.begin_step()
 
 
 def test_duplicates_counted_once_and_invalidate_frees():
@@ -186,6 +258,9 @@ def test_duplicates_counted_once_and_invalidate_frees():
     cache.invalidate(None, _t([4, -1]))
     assert cache.lookup(0, _t([4])).tolist() == [-1] and cache.lookup(1, _t([2, 4])).tolist() == [0, -1]
     assert cache.num_used_slots == 1 and cache.num_free_slots == 7
+    # The ring is recomputed: freed slots (1, 2) come before the used slot 0.
+    _, _, miss_slots = cache.resolve(2, _t([5, 6]))
+    assert miss_slots.tolist() == [1, 2]
     cache.reset()
     assert cache.stats()["misses"] == 0 and cache.num_used_slots == 0 and cache.stamp == 0
 
@@ -198,6 +273,9 @@ def test_random_trace_matches_reference_at_scale():
         cache.begin_step()
         ref.begin_step()
         for layer in range(layers):
+            if layer:
+                cache.begin_layer()
+                ref.begin_layer()
             base = rng.randrange(pages - 40)
             sel = [base + rng.randrange(40) for _ in range(20)] + [-1] * rng.randrange(3)
             assert [t.tolist() for t in cache.resolve(layer, _t(sel))] == list(ref.resolve(layer, sel))
@@ -209,18 +287,67 @@ def test_random_trace_matches_reference_at_scale():
     assert ref.evictions > 0 and ref.hits > 0
 
 
+def forbid_host_sync(mp: pytest.MonkeyPatch) -> None:
+    """Make the torch calls that synchronize with the host on CUDA raise (a CPU guard; `mp.undo()` lifts it):
+    reading values (`item`, `tolist`, `bool`/`int`/`index` of a tensor), data-dependent sizes (`nonzero`,
+    `unique`, `masked_select`, `isin`) and boolean-mask indexing."""
+
+    def forbid(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"{name} called on the sync-free path")
+        return raiser
+
+    for name in ("item", "tolist", "nonzero", "unique", "__bool__", "__int__", "__index__", "any", "all"):
+        mp.setattr(torch.Tensor, name, forbid(f"Tensor.{name}"))
+    for name in ("nonzero", "unique", "unique_consecutive", "masked_select", "isin"):
+        mp.setattr(torch, name, forbid(f"torch.{name}"))
+    for method in ("__getitem__", "__setitem__"):
+        original = getattr(torch.Tensor, method)
+
+        def guarded(self, index, *rest, _original=original, _method=method):
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+                raise AssertionError(f"boolean-mask {_method} on the sync-free path")
+            return _original(self, index, *rest)
+
+        mp.setattr(torch.Tensor, method, guarded)
+
+
+def test_the_guard_catches_a_sync():
+    x = _t([1, 2])
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_host_sync(mp)
+        for sync in (x.tolist, lambda: x[x > 1], lambda: int(x[0]), lambda: torch.unique(x), lambda: bool(x[0])):
+            with pytest.raises(AssertionError, match="sync-free path"):
+                sync()
+    assert x[x > 1].tolist() == [2]  # lifted
+
+
+def test_resolve_calls_nothing_that_syncs():
+    cache = PageCache(num_layers=2, num_logical_pages=64, num_slots=8)
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_host_sync(mp)
+        cache.begin_layer()
+        for layer in range(2):
+            cache.resolve(layer, _t([3, 3, -1, 60, 70, 5, 9, 11, 12, 13, 14, 15, 16]))
+    assert cache.stats()["misses"] == 20  # 10 distinct pages per layer, 8 slots: 2 + 10 unplaced (one scope)
+    with pytest.raises(ValueError, match=r"2 id\(s\) .* also 12 missing page"):  # the 70s, read as padding
+        cache.check()
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
         (lambda c: c.resolve(2, _t([0])), "layer"),
-        (lambda c: c.resolve(0, _t([8])), "pages"),
-        (lambda c: c.resolve(0, _t([-2])), "pages"),
         (lambda c: c.resolve(0, torch.tensor([1.0])), "integer dtype"),
         (lambda c: c.resolve(0, torch.zeros(2, 2, dtype=torch.int64)), "1-D"),
         (lambda c: c.lookup(0, _t([9])), "pages"),
+        (lambda c: c.lookup(0, _t([-2])), "pages"),
         (lambda c: c.invalidate(5, _t([0])), "layer"),
+        (lambda c: c.invalidate(0, _t([8])), "pages"),
         (lambda c: PageCache(0, 4, 4), "num_layers"),
         (lambda c: PageCache(1, 4, -3), "num_slots"),
+        (lambda c: PageCache(1, 4, 4, window=0), "window"),
     ],
 )
 def test_bad_arguments(call, match):
@@ -231,16 +358,25 @@ def test_bad_arguments(call, match):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu_without_syncs():
     rng = random.Random(1)
     cpu, gpu = PageCache(3, 500, 128), PageCache(3, 500, 128, device="cuda")
     for _ in range(40):
         cpu.begin_step()
         gpu.begin_step()
         for layer in range(3):
+            if layer:
+                cpu.begin_layer()
+                gpu.begin_layer()
             sel = [rng.randrange(-1, 500) for _ in range(40)]
             a = cpu.resolve(layer, _t(sel))
-            b = gpu.resolve(layer, _t(sel).cuda())
+            pages = _t(sel).cuda()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                b = gpu.resolve(layer, pages)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             assert all(x.tolist() == y.tolist() for x, y in zip(a, b))
     assert cpu.stats() == gpu.stats()
     assert torch.equal(cpu.resident, gpu.resident.cpu())

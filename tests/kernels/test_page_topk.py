@@ -2,14 +2,22 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparseserve_vllm.kernels import pages_to_slots, select_pages
+from sparseserve_vllm.kernels import page_topk, pages_to_slots, select_pages
 
 from .conftest import BACKENDS, DEVICE, make_block_table, ref_select, ref_slots
 
 POISON = -777
+
+
+@pytest.fixture(autouse=True, params=[1024, 16], ids=["chunk1024", "chunk16"])
+def select_chunk(request, monkeypatch):
+    """The Triton kernel walks a row CHUNK pages at a time: also run every test with chunks far shorter than the
+    rows, so selections, ties and compaction cross chunk boundaries."""
+    chunk = 256 if request.param == 16 and request.node.originalname == "test_long_rows" else request.param
+    monkeypatch.setitem(page_topk.SELECT_LAUNCH, "chunk", chunk)  # (long rows: 256, or the interpreter takes minutes)
 
 
 def _run(scores, seq, backend, **kw):
@@ -104,7 +112,7 @@ def test_fused_slots_lens_and_counters(backend, ppb):
     assert counters.cpu().tolist() == [scored, selected, tokens]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_selection_property_based(data):
     """Random page sizes, budgets, forced windows and lengths; both backends agree with the reference."""
