@@ -81,7 +81,8 @@ def validate_vllm_config(vllm_config) -> None:
                 f"sparseserve: host_kv_gib={cfg.host_kv_gib} is more than this host can pin; allowed: <= "
                 f"{limit / 2**30:.1f} ({PINNABLE_FRACTION:.0%} of the memory available now)"
             )
-    if cfg.offload and vllm_config.parallel_config.world_size > 1:
+    if cfg.offload and vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise SparseServeConfigError(
-            "sparseserve: offload=true runs on one GPU (tensor/pipeline parallel size 1) in this release"
+            "sparseserve: offload=true does not support pipeline parallelism (pipeline_parallel_size "
+            f"{vllm_config.parallel_config.pipeline_parallel_size}); allowed: 1 (tensor parallelism is supported)"
         )

@@ -124,14 +124,18 @@ class WorkingSetScheduler(Scheduler):
         self._num_kv_heads = spec.num_kv_heads
         self._page_bytes = page_bytes(page_size=cfg.page_size, head_dim=spec.head_size,
                                       element_size=spec.dtype.itemsize)
-        self._capacity = sum(t.size for t in self.kv_cache_config.kv_cache_tensors)  # the HBM page pool
+        # Tensor parallel: every worker holds its own KV heads' page pool and reports its own working sets, which
+        # the connector sums; capacity and estimates are summed over the workers likewise.
+        self._workers = self.vllm_config.parallel_config.world_size
+        self._capacity = self._workers * sum(t.size for t in self.kv_cache_config.kv_cache_tensors)
         self._controller = WorkingSetController()
         self._ws_bytes: dict[str, int] = {}  # request id -> last reported working set
         self._first_block: dict[str, int] = {}
         self._step_blocks: dict[int, dict[int, str]] = {}  # connector step -> {first block id: request id}
         self._counters = self.connector.counters
         logger.info(
-            "SparseServe working-set batch control: HBM page cache %.1f MiB (%d pages of %d bytes), window %d steps",
+            "SparseServe working-set batch control: HBM page cache %.1f MiB over all workers (%d pages of %d bytes), "
+            "window %d steps",
             self._capacity / 2**20, self._capacity // self._page_bytes, self._page_bytes, cfg.working_set_window,
         )
 
@@ -141,7 +145,7 @@ class WorkingSetScheduler(Scheduler):
         # and protected only while their layer runs (the context itself is gathered into a scratch buffer), so the
         # cache must hold one layer's new pages of the chunk.
         span = start % self._cfg.page_size + tokens if tokens else 0
-        return self._page_bytes * prefill_pages(num_layers=self._num_layers, num_kv_heads=self._num_kv_heads,
+        return self._workers * self._page_bytes * prefill_pages(num_layers=self._num_layers, num_kv_heads=self._num_kv_heads,
                                                 prompt_tokens=span, page_size=self._cfg.page_size,
                                                 layer_segmented=True)
 
@@ -149,7 +153,7 @@ class WorkingSetScheduler(Scheduler):
         sparse_layers = self._num_layers - self._cfg.dense_layers  # dense layers read host DRAM, not the cache
         if sparse_layers <= 0:
             return 0
-        return self._page_bytes * decode_budget_pages(
+        return self._workers * self._page_bytes * decode_budget_pages(
             num_layers=sparse_layers, num_kv_heads=self._num_kv_heads, token_budget=self._cfg.token_budget,
             context_len=context_len, page_size=self._cfg.page_size,
         )

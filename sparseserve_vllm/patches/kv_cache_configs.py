@@ -1,7 +1,8 @@
 """Patch: `vllm.v1.engine.core.get_kv_cache_configs` -- the KV capacity split for `offload` (see the ledger).
 
-With offload on, vLLM's scheduler must see the LOGICAL capacity (`host_kv_gib` of pinned host memory), while each
-worker allocates only the HBM page cache (`hbm_cache_gib`). The wrapper asks the original for configs sized by
+With offload on, vLLM's scheduler must see the LOGICAL capacity (`host_kv_gib` of pinned host memory, shared evenly
+by the workers of a tensor-parallel engine: each holds its own KV heads), while each worker allocates only the HBM
+page cache (`hbm_cache_gib`, per GPU). The wrapper asks the original for configs sized by each worker's share of
 `host_kv_gib` (so `num_blocks`, max-model-len checks and concurrency are computed for the host tier), then replaces
 the per-layer tensors with ONE tensor of `hbm_cache_gib` shared by every attention layer: the HBM page pool that
 `OffloadTier` manages. Without offload it returns the original's result untouched.
@@ -23,7 +24,7 @@ _ORIGINAL = engine_core.get_kv_cache_configs
 
 def offload_configs(vllm_config, kv_cache_specs, available_memory):
     cfg = sparseserve_config(vllm_config)
-    host_bytes = int(cfg.host_kv_gib * GIB)
+    host_bytes = int(cfg.host_kv_gib * GIB) // len(available_memory)  # one share per worker
     configs = _ORIGINAL(vllm_config, kv_cache_specs, [host_bytes] * len(available_memory))
     out = []
     for config, hbm_available in zip(configs, available_memory):

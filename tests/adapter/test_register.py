@@ -94,6 +94,7 @@ def test_offload_configures_its_connector_and_turns_prefix_caching_off(tiny_mode
         ({"kv_transfer_config": {"kv_connector": "OffloadingConnector", "kv_role": "kv_both"}},
          "own KV connector.*OffloadingConnector"),
         ({"kv_offloading_size": 4.0}, "--kv-offloading-size"),
+        ({"pipeline_parallel_size": 2}, r"does not support pipeline parallelism.*allowed: 1"),
         ({"additional_config": {"sparseserve": {"offload": True, "host_kv_gib": 100000, "hbm_cache_gib": 0.1}}},
          "host_kv_gib=100000 is more than this host can pin; allowed: <= "),
     ],

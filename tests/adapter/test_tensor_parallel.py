@@ -1,13 +1,16 @@
 """Tensor parallelism on vLLM's CPU build: TP=2 over gloo, each rank selecting pages for its own KV head.
 
-With a budget covering the context the greedy tokens equal vLLM's CPU_ATTN at TP=1. vLLM binds each CPU worker to
-a NUMA node unless told otherwise; this machine has one node, so the two workers get one core each.
+With a budget covering the context the greedy tokens equal vLLM's CPU_ATTN at TP=1, without offload and with
+offload (each rank its own host tier and page cache; working sets summed over the ranks). vLLM binds each CPU
+worker to a NUMA node unless told otherwise; this machine has one node, so the two workers get one core each.
 """
 
 import random
+import time
 
 import pytest
 
+from sparseserve_vllm import stats
 from tests.conftest import engine, greedy
 
 pytestmark = pytest.mark.engine
@@ -25,3 +28,15 @@ def test_tp2_equals_vllm_backend(tiny_model, monkeypatch):
         got = greedy(llm, prompts)
     assert all(len(set(t)) >= 4 for t in dense), dense
     assert got == dense
+    # Offload at TP=2, with an HBM cache per rank far smaller than the prompts' KV: same tokens, and every page is
+    # given back on both ranks when the requests finish.
+    ss = {"token_budget": 1024, "page_size": 16, "offload": True, "host_kv_gib": 0.02, "hbm_cache_gib": 0.0006}
+    before = stats.read_totals()
+    with engine(model, "sparseserve", ss, max_model_len=2048, tensor_parallel_size=2,
+                max_num_batched_tokens=256) as llm:
+        got = greedy(llm, prompts)
+        time.sleep(1.2)  # the workers publish their counters twice a second
+        after = stats.read_totals()
+    assert got == dense
+    assert after["hbm_evictions"] > before["hbm_evictions"]
+    assert after["hbm_pages_in_use"] == 0 and after["host_blocks_in_use"] == 0, after
