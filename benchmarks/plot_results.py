@@ -408,6 +408,41 @@ def plot_page_cache(results: Path, tag: str, title_suffix: str) -> None:
     save(fig, results / f"page-cache-{tag}.png")
 
 
+# ---- offload: one decode step, and batch control on/off ----------------------------------------------------------
+def plot_offload(results: Path, tag: str, title_suffix: str) -> None:
+    before = load(results, f"offload-step-{tag}-before.json")
+    after = load(results, f"offload-step-{tag}-after.json")
+    bc = load(results, f"batch-control-{tag}.json")
+    if before is None or after is None or bc is None:
+        return
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.2))
+    labels = ["offload step,\nsyncing page cache", "offload step,\nsync-free page cache", "same attention,\nKV in HBM"]
+    vals = [before["offload_step_ms_median"], after["offload_step_ms_median"], after["hbm_only_step_ms_median"]]
+    bars = ax1.bar(range(3), vals, color=["tab:gray", "tab:purple", "tab:green"])
+    label_bars(ax1, bars, "{:.1f} ms", 8)
+    ax1.set_xticks(range(3))
+    ax1.set_xticklabels(labels, fontsize=8)
+    ax1.set_ylabel("one decode step, 32 layers (ms, median)")
+    ax1.set_title(f"{after['batch']} requests x {after['context']} tokens, {after['cache_gib']} GiB HBM cache "
+                  f"(thrashing)", fontsize=9)
+    runs = {r["batch_control"]: r for r in bc["runs"]}
+    names = ["control on", "control off"]
+    for ax, key, unit in ((ax2, "output_tok_s", "output tokens/s"),
+                          (ax3, "gib_loaded_per_step", "GiB loaded host->HBM per decode step")):
+        v = [runs[True][key], runs[False][key]]
+        bars = ax.bar(range(2), v, color=["tab:blue", "tab:orange"])
+        label_bars(ax, bars, "{:.3g}", 9)
+        ax.set_xticks(range(2))
+        ax.set_xticklabels([f"{n}\n(largest batch {runs[c]['max_batch_cap']})" for n, c in zip(names, (True, False))],
+                           fontsize=8)
+        ax.set_ylabel(unit)
+    ax2.set_title(f"Batch control: throughput on/off = {bc['throughput_on_vs_off']}x (goal 1.3x)", fontsize=9)
+    ax3.set_title(f"Loads per step off/on = {bc['loads_off_vs_on']}x fewer with control (goal 10x)", fontsize=9)
+    fig.suptitle(f"Offload decode, Llama-3.1-8B shape: {bc['requests']} x {bc['context']} tokens, "
+                 f"{bc['cache_gib']} GiB HBM cache, tokens equal {bc['tokens_equal']}: {title_suffix}", fontsize=10)
+    save(fig, results / f"offload-{tag}.png")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
@@ -421,6 +456,7 @@ def main() -> None:
         fn(results, tag, suffix)
     plot_d2h(results, f"uva-{tag}", suffix)
     plot_e2e(results, tag, suffix, name="e2e-smoke-graphs")
+    plot_offload(results, tag, suffix)
 
 
 if __name__ == "__main__":
