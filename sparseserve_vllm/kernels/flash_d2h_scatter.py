@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .uva_launch import check_launch, next_pow2
+from .uva_launch import UvaCopy, next_pow2
 
 __all__ = ["FlashD2HScatter", "flash_d2h_scatter_torch"]
 
@@ -152,15 +152,11 @@ def _check_ranges(slots: torch.Tensor, layer: int | torch.Tensor, host_kv: torch
             raise ValueError(f"layer values must be in [0, {host_kv.shape[0]}), got {lay.min()} .. {lay.max()}")
 
 
-class FlashD2HScatter:
+class FlashD2HScatter(UvaCopy):
     """One-launch row scatter device -> pinned host store (see the module docstring). `plan` once, `run` many."""
 
     def __init__(self, *, num_sms: int | None = None, tile_bytes: int = 16384, num_warps: int = 4):
-        check_launch(num_sms, tile_bytes, num_warps)
-        self.num_sms = num_sms
-        self.tile_bytes = tile_bytes
-        self.num_warps = num_warps
-        self._planned = False
+        super().__init__(num_sms=num_sms, tile_bytes=tile_bytes, num_warps=num_warps)
 
     def plan(self, host_kv: torch.Tensor, device: torch.device | str) -> "FlashD2HScatter":
         """Validate the store; fix word size, tile geometry and grid bound for sources on `device`. Returns self."""
@@ -196,26 +192,12 @@ class FlashD2HScatter:
             TOKENS=max(1, (self.tile_bytes // word_bytes) // row_block),
             DST_ALIGNED=host_kv.data_ptr() % 16 == 0,
         )
-        if self.num_sms is not None:
-            self._max_programs = self.num_sms
-        elif device.type == "cuda":
-            self._max_programs = torch.cuda.get_device_properties(device).multi_processor_count
-        else:
-            self._max_programs = 4  # interpreter: programs run one after another anyway
-        self._planned = True
+        self._finish_plan(word_bytes, device)
         return self
-
-    @property
-    def geometry(self) -> dict[str, int | bool]:
-        """The planned kernel constants (word counts are in units of the chosen word size)."""
-        if not self._planned:
-            raise ValueError("call plan() before reading geometry")
-        return dict(self._constexprs, WORD_BYTES=self._word_bytes, MAX_PROGRAMS=self._max_programs)
 
     def run(self, src: torch.Tensor, slots: torch.Tensor, layer: int | torch.Tensor) -> None:
         """Launch the scatter of `src[:len(slots)]` into the planned store; asynchronous on the current stream."""
-        if not self._planned:
-            raise ValueError("call plan(host_kv, device) before run()")
+        self._require_plan("host_kv, device")
         t = _check_rows(src, slots, layer, self._host_kv, self._device)
         for name, x in (("src", src), ("slots", slots), ("layer", layer)):
             if isinstance(x, torch.Tensor) and not x.is_contiguous():

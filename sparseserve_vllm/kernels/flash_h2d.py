@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .uva_launch import check_launch, next_pow2
+from .uva_launch import UvaCopy, next_pow2
 
 __all__ = ["FlashH2D", "flash_h2d", "flash_h2d_torch"]
 
@@ -93,15 +93,11 @@ def _check_pages(name: str, pages: object) -> torch.Tensor:
     return pages
 
 
-class FlashH2D:
+class FlashH2D(UvaCopy):
     """One-launch page gather host -> device (see the module docstring). Reusable: `plan` once, `run` many."""
 
     def __init__(self, *, num_sms: int | None = None, tile_bytes: int = 32768, num_warps: int = 8):
-        check_launch(num_sms, tile_bytes, num_warps)
-        self.num_sms = num_sms
-        self.tile_bytes = tile_bytes
-        self.num_warps = num_warps
-        self._planned = False
+        super().__init__(num_sms=num_sms, tile_bytes=tile_bytes, num_warps=num_warps)
 
     def plan(self, src_pages: torch.Tensor, dst_pages: torch.Tensor) -> "FlashH2D":
         """Validate the two page pools and fix word size, tile geometry and the grid bound. Returns self."""
@@ -157,26 +153,12 @@ class FlashH2D:
             EVEN=chunks_per_page * chunk_words == words_per_page,
             SRC_ALIGNED=src_pages.data_ptr() % 16 == 0,
         )
-        if self.num_sms is not None:
-            self._max_programs = self.num_sms
-        elif device.type == "cuda":
-            self._max_programs = torch.cuda.get_device_properties(device).multi_processor_count
-        else:
-            self._max_programs = 4  # interpreter: programs run one after another anyway
-        self._planned = True
+        self._finish_plan(self._dst_words.element_size(), device)
         return self
-
-    @property
-    def geometry(self) -> dict[str, int | bool]:
-        """The planned kernel constants (word counts are in units of the chosen word size)."""
-        if not self._planned:
-            raise ValueError("call plan() before reading geometry")
-        return dict(self._constexprs, WORD_BYTES=self._dst_words.element_size(), MAX_PROGRAMS=self._max_programs)
 
     def run(self, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
         """Launch the gather for the pairs (src_ids[i], dst_ids[i]); asynchronous on the current stream."""
-        if not self._planned:
-            raise ValueError("call plan(src_pages, dst_pages) before run()")
+        self._require_plan("src_pages, dst_pages")
         for name, ids in (("src_ids", src_ids), ("dst_ids", dst_ids)):
             if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"{name} must be a 1-D int32 or int64 tensor")
