@@ -31,7 +31,7 @@ def run(model, control: bool, prompts, a) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from sparseserve_vllm.stats import read_totals
+    from sparseserve_vllm.stats import GAUGE_NAMES, read_totals
 
     ss = {"offload": True, "host_kv_gib": a.host_gib, "hbm_cache_gib": a.cache_gib, "batch_control": control,
           "stats_interval_s": 0}
@@ -64,7 +64,7 @@ def run(model, control: bool, prompts, a) -> dict:
     w.join()
     time.sleep(1.5)
     after = read_totals()
-    delta = {k: after[k] - before[k] for k in after}
+    delta = {k: after[k] - (0 if k in GAUGE_NAMES else before[k]) for k in after}  # gauges: the value after
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()

@@ -29,7 +29,7 @@ def run_engine(model, backend, sparseserve, prompts, output_len, max_model_len, 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from sparseserve_vllm.stats import read_totals
+    from sparseserve_vllm.stats import GAUGE_NAMES, read_totals
 
     kw = dict(additional_config={"sparseserve": sparseserve}) if sparseserve is not None else {}
     t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def run_engine(model, backend, sparseserve, prompts, output_len, max_model_len, 
         "long_prefill_s": round(long_s, 3),
         "prefill_only_s": round(prefill_s, 3), "prefill_plus_decode_s": round(full_s, 3),
         "decode_ms_per_step": round(1000 * (full_s - prefill_s) / max(output_len - 1, 1), 3),
-        "counters": {k: after[k] - before[k] for k in after}, "tokens": tokens,
+        "counters": {k: after[k] - (0 if k in GAUGE_NAMES else before[k]) for k in after}, "tokens": tokens,
     }
 
 
