@@ -221,7 +221,7 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
 
     def _count(self, nd: int, ndt: int, num_tokens: int, decode_lens_cpu: torch.Tensor, summarized: int) -> None:
         """Statistics of the step (host side, so they count steps that replay a CUDA graph too)."""
-        rt, layers, sparse = self.runtime, self.num_sparse_layers + self.runtime.cfg.dense_layers, self.num_sparse_layers
+        rt, layers, sparse = self.runtime, self.runtime.num_layers, self.num_sparse_layers
         amounts = {"pages_summarized": summarized * layers,
                    "dense_tokens": (num_tokens - ndt) * layers + ndt * rt.cfg.dense_layers}
         if nd and sparse:

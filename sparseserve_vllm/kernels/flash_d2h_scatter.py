@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .uva_launch import UvaCopy, next_pow2
+from .uva_launch import UvaCopy, host_pointer, next_pow2
 
 __all__ = ["FlashD2HScatter", "flash_d2h_scatter_torch"]
 
@@ -72,9 +72,7 @@ def _flash_d2h_scatter_kernel(
     PER_ROW_LAYER: tl.constexpr,
     DST_ALIGNED: tl.constexpr,  # dst_addr % 16 == 0
 ):
-    dst_ptr = dst_addr.to(tl.int64).to(tl.pointer_type(src_ptr.dtype.element_ty))  # i32 when the address is small
-    if DST_ALIGNED:  # an int64 carries no alignment: say so, or the stores are not vectorized to 16 bytes
-        dst_ptr = tl.multiple_of(dst_ptr, 16)
+    dst_ptr = host_pointer(dst_addr, src_ptr, DST_ALIGNED)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(num_rows, TOKENS) * HKV

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .uva_launch import UvaCopy, next_pow2
+from .uva_launch import UvaCopy, host_pointer, next_pow2
 
 __all__ = ["FlashH2D", "flash_h2d", "flash_h2d_torch"]
 
@@ -59,9 +59,7 @@ def _flash_h2d_kernel(
     EVEN: tl.constexpr,  # CHUNK_WORDS * CHUNKS_PER_PAGE == WORDS_PER_PAGE
     SRC_ALIGNED: tl.constexpr,  # src_addr % 16 == 0
 ):
-    src_ptr = src_addr.to(tl.int64).to(tl.pointer_type(dst_ptr.dtype.element_ty))  # i32 when the address is small
-    if SRC_ALIGNED:  # an int64 carries no alignment: say so, or the loads are not vectorized to 16 bytes
-        src_ptr = tl.multiple_of(src_ptr, 16)
+    src_ptr = host_pointer(src_addr, dst_ptr, SRC_ALIGNED)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(num_pairs, PAGES_PER_TILE) * CHUNKS_PER_PAGE

@@ -5,6 +5,9 @@
 - `next_pow2(n)`: the smallest power of two >= n (n >= 1).
 - `max_programs(num_sms, device)`: the persistent grid's bound: `num_sms`, else the device's SM count (4 under the
   Triton interpreter on the CPU, where programs run one after another anyway).
+- `host_pointer(addr, like, ALIGNED)` (Triton device function): the pinned host address `addr` (a kernel int
+  argument: i32 when the address is small, else i64) as a pointer of `like`'s element type, marked 16-byte aligned
+  when `ALIGNED` (an int carries no alignment, so without it loads/stores are not vectorized).
 - `UvaCopy`: base of the two kernels' plan/run objects: validated launch settings, `_finish_plan(word_bytes,
   device)` at the end of `plan`, `_require_plan(what)` in `run`, and the `geometry` property.
 """
@@ -12,6 +15,16 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def host_pointer(addr, like, ALIGNED: tl.constexpr):
+    ptr = addr.to(tl.int64).to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 def check_launch(num_sms: int | None, tile_bytes: int, num_warps: int) -> None:
