@@ -5,10 +5,10 @@ One command, prints one JSON object (and writes it to --out) plus torch profiler
 
 It replays, for `--layers` layers (Llama-3.1-8B KV shape: Hkv 8, D 128, bf16, block 128, page 32, budget 2048),
 exactly the calls `SparseServeImpl._forward_offload` makes for a batch of `--batch` decode requests of `--context`
-tokens each: `OffloadTier.begin_layer(layer) / write_new / resident_slots` (page summaries), the sparse decode
+tokens each: `OffloadTier.begin_layer / write_new / resident_slots` (page summaries), the sparse decode
 wrapper with the tier's `translate` (page-cache resolve + FlashH2D of the misses), the working-set record and
-`OffloadTier.save`. The pages to summarize are computed once per step, as vLLM's metadata builder does
-(`summarize_slots`), so the per-layer sequence is free of host syncs except the step check of the first layer. The host
+`OffloadTier.save_inline`. The pages to summarize and `OffloadTier.begin_step` (the step's one host sync) run once
+per step, as vLLM's metadata builder does, so the per-layer sequence is free of host syncs. The host
 store is filled with random KV first and every layer's page metadata is built, so selections are realistic.
 Measured: the wall time per step (synchronized at step ends only), the same step with only the sparse wrapper on
 HBM-resident KV (no tier: the compute floor), and a torch.profiler table of the step's top CPU and CUDA ops, with
@@ -73,6 +73,8 @@ def main() -> None:
         slot_mapping = block_table.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
         filled = ((pos + 1) % ps == 0)
         summ = tier.token_pages(slot_mapping[filled]).reshape(-1)  # the builder's summarize_slots (once per step)
+        if offload:
+            tier.begin_step()  # the builder's step start
         for layer in range(a.layers):
             q = torch.randn((a.batch, hq, d), dtype=dt, device=dev)
             k = torch.randn((a.batch, hkv, d), dtype=dt, device=dev)
@@ -80,7 +82,7 @@ def main() -> None:
             if not offload:
                 wrapper.run(q, cache, meta[layer], block_table % (slots // (hkv * ppb)), lens, scale)
                 continue
-            tier.begin_layer(layer)
+            tier.begin_layer()
             tier.write_new(layer, k, v, slot_mapping)
             if summ.numel():
                 cached = tier.resident_slots(layer, summ).to(torch.long)
@@ -95,7 +97,7 @@ def main() -> None:
 
             wrapper.run(q, cache, meta[layer], block_table, lens, scale, translate=translate)
             tracker.record(layer, torch.where(wrapper.last_page_lens > 0, wrapper.last_slots, -1))
-            tier.save(layer, k, v, slot_mapping)
+            tier.save_inline(layer, k, v, slot_mapping)
         if offload:
             tracker.end_step()
 

@@ -9,10 +9,14 @@ Contract:
 - Batches are reordered decode-first (`reorder_batch_threshold = 1`). Decode rows of sparse layers run
   score -> top-k (per KV head) -> attend over the chosen pages; prefill rows and the first `dense_layers` layers
   run dense attention: vLLM's FlashAttention (FA3 on Hopper) on CUDA, `kernels.paged_dense_torch` on CPU.
-- CUDA graphs: without offload, UNIFORM_SINGLE_TOKEN_DECODE: pure decode batches run inside vLLM's full CUDA
-  graphs (the builder keeps every per-step input in persistent buffers, the runtime's wrapper is planned once for
-  the largest batch and context, and padded rows (seq_len 0) attend to nothing); other batches run under
-  piecewise graphs. With offload (host syncs in the page cache), NEVER: piecewise graphs, attention eager.
+- CUDA graphs: UNIFORM_SINGLE_TOKEN_DECODE: pure decode batches run inside vLLM's full CUDA graphs (the builder
+  keeps every per-step input in persistent buffers (vLLM's, and a -1 padded buffer of the pages to summarize), the
+  runtime's wrapper is planned once for the largest batch and context, and padded rows (seq_len 0, slot -1) attend
+  to nothing); other batches run under piecewise graphs. With offload too: the builder does the step's host work
+  (`SparseRuntime.begin_step`: saves made visible, deferred page-cache errors raised with one host sync, new
+  eviction ring, working-set rows) and counts the statistics, since no impl Python runs at a replay; the impls'
+  decode-only path is sync-free and keeps all changing state on the device. Offload with `dense_layers` > 0:
+  NEVER (dense layers gather each request's context on the host), so piecewise graphs with eager attention.
 """
 
 from __future__ import annotations
@@ -131,7 +135,8 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         from sparseserve_vllm.adapter.config_access import sparseserve_config
 
-        if sparseserve_config(vllm_config).offload:
+        cfg = sparseserve_config(vllm_config)
+        if cfg.offload and cfg.dense_layers:
             return AttentionCGSupport.NEVER
         return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
@@ -155,6 +160,7 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
             dtype=kv_cache_spec.dtype, device=device, max_batch=max_batch, max_pages=max_pages,
         )
         # Decode-only batches: each request completes at most one page per KV head per step.
+        self._num_kv_heads = kv_cache_spec.num_kv_heads
         self._decode_summaries = torch.full((max_batch * kv_cache_spec.num_kv_heads,), -1, dtype=torch.long,
                                             device=device)
         self._capturing = False
@@ -184,12 +190,10 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
         summarize = rt.filled_page_slots(qsl_cpu, seq_lens_cpu, cm.block_table_tensor)
         if not self._capturing:
             self._count(nd, ndt, cm.num_actual_tokens, seq_lens_cpu[:nd], summarize.numel())
-        if npf == 0 and self.device.type == "cuda" and not rt.cfg.offload:  # full CUDA graphs may replay it
-            self._decode_summaries[summarize.numel():].fill_(-1)
-            self._decode_summaries[: summarize.numel()].copy_(summarize)
-            summarize = self._decode_summaries
+        if npf == 0 and self.device.type == "cuda":  # full CUDA graphs may replay it
+            summarize = self._persistent_summaries(summarize, cm.num_reqs)
         if rt.cfg.offload:
-            rt.note_decode_rows(cm.block_table_tensor[:nd], seq_lens_cpu[:nd])
+            rt.begin_step(cm.block_table_tensor[:nd], seq_lens_cpu[:nd], selects=nd > 0 and self.num_sparse_layers > 0)
         md = SparseServeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             slot_mapping=cm.slot_mapping,
@@ -218,6 +222,14 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
                 )
                 md.fa_prefill = self._fa_builder.build(0, sliced, fast_build)
         return md
+
+    def _persistent_summaries(self, summarize: torch.Tensor, num_reqs: int) -> torch.Tensor:
+        """`summarize` copied into the persistent buffer, -1 padded; the first `num_reqs * Hkv` entries are handed
+        out (a decode-only batch of `num_reqs` (padded) rows fills at most that many pages), so a graph captured
+        for `num_reqs` rows reads the same slice at every replay."""
+        self._decode_summaries[summarize.numel():].fill_(-1)
+        self._decode_summaries[: summarize.numel()].copy_(summarize)
+        return self._decode_summaries[: num_reqs * self._num_kv_heads]
 
     def _count(self, nd: int, ndt: int, num_tokens: int, decode_lens_cpu: torch.Tensor, summarized: int) -> None:
         """Statistics of the step (host side, so they count steps that replay a CUDA graph too)."""

@@ -9,10 +9,12 @@ Contract of `forward(layer, query, key, value, kv_cache, attn_metadata, output)`
    (vLLM's FlashAttention on CUDA, `kernels.paged_dense_torch` on CPU).
 With `offload` on, `kv_cache` is the HBM page pool that every layer shares and the runtime's `OffloadTier` holds
 the KV: step 1 writes the new tokens through into cached pages (and, after step 4, saves them to host DRAM with
-FlashD2H), step 3
-resolves the selected pages to cache slots (misses loaded by FlashH2D) before attending and records them in the
-runtime's working-set tracker, and dense rows gather their request's context of this layer from host DRAM into a
-scratch buffer.
+FlashD2H: inline on the current stream for decode-only batches, through the saver's ring otherwise), step 2 reads
+the filled pages from their cache slots, step 3 resolves the selected pages to cache slots (misses loaded by
+FlashH2D) before attending and records them in the runtime's working-set tracker, and dense rows gather their
+request's context of this layer from host DRAM into a scratch buffer.
+Decode-only batches of sparse layers (with or without offload) never synchronize with the host and read only
+persistent tensors or device state, so vLLM's full CUDA graphs capture them (see `backend.py`).
 `attn_metadata is None` (profiling / warm-up runs) only zero-fills `output`.
 """
 
@@ -115,21 +117,21 @@ class SparseServeImpl(AttentionImpl):
         return output
 
     def _forward_offload(self, layer, query, key, value, kv_cache, md, output):
+        """Offload forward. Decode-only batches (`num_prefills == 0`, sparse layers) run without host sync and
+        without Python state that changes between steps, so vLLM's full CUDA graphs capture them: the builder does
+        the step's host work (`SparseRuntime.begin_step`) and copies every per-step input into persistent buffers;
+        saves go inline on the current stream. Other batches save through FlashD2H's ring (eager)."""
         rt, li, n = self.runtime, self._layer_idx, md.num_actual_tokens
         tier = rt.tier_for(kv_cache)
-        tier.begin_layer(li)  # a new step when li does not exceed the previous layer: raises deferred cache errors
+        tier.begin_layer()
         slot_mapping = md.slot_mapping[:n]
         tier.write_new(li, key, value, slot_mapping)
         meta = rt.page_meta(li, kv_cache)
         if md.summarize_slots.numel():
-            cached = tier.resident_slots(li, md.summarize_slots).to(torch.long)
-            fresh = torch.empty((cached.numel(),) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
-            idx = torch.arange(cached.numel(), device=meta.device)
-            build_page_metadata(tier.cache_pages[cached], fresh, idx, selector=rt.cfg.selector)
-            meta[md.summarize_slots] = fresh
+            self._summarize_cached(tier, meta, md.summarize_slots)
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        if li < rt.cfg.dense_layers:
+        if li < rt.cfg.dense_layers:  # eager only: the backend declares NEVER for offload with dense layers
             self._dense_from_host(tier, q, key, value, out, md.query_start_loc_cpu, md.seq_lens_cpu, md.block_table, 0)
             tier.save(li, key, value, slot_mapping)
             return output
@@ -143,11 +145,23 @@ class SparseServeImpl(AttentionImpl):
             wrapper.run(q[:nd], tier.cache_pages, meta, md.decode_block_table, md.decode_seq_lens, self.scale,
                         out[:nd], translate=to_cache_slots)
             rt.record_selection(li, wrapper.last_slots, wrapper.last_page_lens)
+        # Saves last: the loads above wait only for earlier layers' saves.
         if md.num_prefills:
             self._dense_from_host(tier, q, key, value, out, md.prefill_query_start_loc_cpu, md.prefill_seq_lens_cpu,
                                   md.prefill_block_table, md.num_decode_tokens)
-        tier.save(li, key, value, slot_mapping)  # last: the loads above wait only for earlier layers' saves
+            tier.save(li, key, value, slot_mapping)
+        else:
+            tier.save_inline(li, key, value, slot_mapping)
         return output
+
+    def _summarize_cached(self, tier, meta, slots) -> None:
+        """Metadata of the pages `slots` (logical, -1 = padding) from their cache slots, where `write_new` just put
+        them: padding reads the tier's trash page and writes meta's trash row (its last), fixed shapes throughout."""
+        cached = tier.resident_slots(self._layer_idx, slots).to(torch.long)  # -1 -> the trash page (last slot)
+        fresh = torch.empty((cached.numel(),) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
+        idx = torch.arange(cached.numel(), device=meta.device)
+        build_page_metadata(tier.cache_pages[cached], fresh, idx, selector=self.runtime.cfg.selector)
+        meta[slots] = fresh  # -1 -> the trash row (the last)
 
     def _dense_from_host(self, tier, q, key, value, out, query_start_loc, seq_lens, block_table, offset: int) -> None:
         """Dense causal attention of the rows `offset + query_start_loc[r] ..`, context gathered from host DRAM."""

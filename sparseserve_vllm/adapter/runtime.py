@@ -8,12 +8,20 @@ Contract:
   never move and CUDA graphs captured over them stay valid) and calls `decode_counts` / `filled_page_slots` /
   `count` once per step (host side: with full CUDA graphs the impls' Python does not run at replay); impls use
   `wrapper` / `page_meta` from `forward`.
+- Offload: the builder calls `begin_step` once per step, before the forward (so also before a CUDA-graph replay,
+  which runs no impl Python): the tier's `begin_step` (earlier saves visible, deferred page-cache errors raised,
+  new eviction ring) and `note_decode_rows`. Everything the impls do per layer in a decode-only step is free of
+  host syncs and of Python state that changes between steps (see `OffloadTier`).
 - Offload also keeps a `WorkingSetTracker` (window `working_set_window`): impls `record_selection` the logical
-  pages each sparse decode layer selected, the builder `note_decode_rows` (block table rows and lengths of the
-  step's decode requests), and once per step, after the forward, the connector asks `working_set_report()`:
+  pages each sparse decode layer selected (device-side only), the builder `note_decode_rows` (block table rows and
+  lengths of the step's decode requests, and whether sparse layers select pages this step: then the report closes
+  a decode step), and once per step, after the forward, the connector asks `working_set_report()`:
   `{first block id: bytes}` of each decode request of the step, bytes = distinct (layer, page) of its own pages
   selected in the last `working_set_window` decode steps x page bytes (`page_size x 2 x head_dim x element size`);
   requests with nothing selected in the window are left out. Freed blocks' pages are forgotten (`free_blocks`).
+- `page_meta(layer, kv_cache)`: the layer's page metadata `[num_pages (+ 1 with offload), M, D]`; with offload the
+  extra LAST row is a trash row: page summaries of decode-only steps come in a -1 padded buffer, and
+  `meta[slots] = ...` writes the padding there.
 - Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line
   summing every process of the engine (the scheduler's working-set cap included).
 """
@@ -55,7 +63,7 @@ class SparseRuntime:
         self._meta: dict[int, torch.Tensor] = {}
         self.ws_tracker = None  # offload: WorkingSetTracker, made with the tier
         self._ws_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (first block ids [R], owned pages [R, P])
-        self._ws_open = False  # a selection was recorded since the last end_step
+        self._ws_open = False  # a step with selections was noted since the last end_step
         self.counters = stats.process_counters()
         self._stats_dir = stats.ensure_stats_dir()
         threading.Thread(target=self._publish_loop, name="sparseserve-stats", daemon=True).start()
@@ -174,9 +182,19 @@ class SparseRuntime:
             pages = self.tier.free_blocks(torch.tensor(block_ids, dtype=torch.long))
             self.ws_tracker.forget(pages)
 
+    # ---- per step (offload) ----
+    def begin_step(self, block_table: torch.Tensor, seq_lens_cpu: torch.Tensor, *, selects: bool) -> None:
+        """Builder, offload, once per step before the forward: the tier's step start (when the tier exists: it is
+        made at the first forward) and `note_decode_rows`."""
+        if self.tier is not None:
+            self.tier.begin_step()
+        self.note_decode_rows(block_table, seq_lens_cpu, selects=selects)
+
     # ---- working set (offload) ----
-    def note_decode_rows(self, block_table: torch.Tensor, seq_lens_cpu: torch.Tensor) -> None:
-        """Builder, offload: the step's decode requests (their block table rows and lengths) for the next report."""
+    def note_decode_rows(self, block_table: torch.Tensor, seq_lens_cpu: torch.Tensor, *, selects: bool) -> None:
+        """Builder, offload: the step's decode requests (their block table rows and lengths) for the next report;
+        `selects`: sparse decode layers record selections this step (the report then closes a decode step)."""
+        self._ws_open = self._ws_open or selects
         if self.ws_tracker is None or seq_lens_cpu.numel() == 0:
             self._ws_rows = None
             return
@@ -191,10 +209,10 @@ class SparseRuntime:
         self._ws_rows = (block_table[:, 0].to(dev, torch.long), owned)
 
     def record_selection(self, layer: int, slots: torch.Tensor, lens: torch.Tensor) -> None:
-        """Impl, offload: the logical pages one sparse decode layer selected (`lens > 0` marks valid entries)."""
+        """Impl, offload: the logical pages one sparse decode layer selected (`lens > 0` marks valid entries); device
+        work only (the builder's `note_decode_rows` opened the step)."""
         if self.ws_tracker is not None:
             self.ws_tracker.record(layer, torch.where(lens > 0, slots, -1))
-            self._ws_open = True
 
     def working_set_report(self) -> dict[int, int]:
         """After the forward, once per step: close the decode step and return `{first block id: working-set bytes}`
@@ -215,7 +233,7 @@ class SparseRuntime:
     def page_meta(self, layer_idx: int, kv_cache: torch.Tensor) -> torch.Tensor:
         meta = self._meta.get(layer_idx)
         blocks = self.num_logical_blocks if self.cfg.offload else kv_cache.shape[0]
-        num_pages = blocks * self.num_kv_heads * self.ppb
+        num_pages = blocks * self.num_kv_heads * self.ppb + (1 if self.cfg.offload else 0)  # offload: trash row
         if meta is None or meta.shape[0] != num_pages or meta.device != kv_cache.device:
             rows = num_meta_vectors(self.cfg.selector)
             meta = torch.zeros((num_pages, rows, self.head_size), dtype=kv_cache.dtype, device=kv_cache.device)

@@ -17,6 +17,14 @@ Contract:
   Slot ids must be unique within one save (vLLM's are); between saves the later save of a slot wins.
   `save` is host-side work, not capturable in a CUDA graph: call it where the forward runs eagerly (vLLM's
   piecewise CUDA graphs leave the attention layer, which calls it, outside the graphs).
+- `save_inline(layer, key, value, slot_mapping)`: the same effect, for the few tokens of a decode step, without the
+  ring, the side stream or any Python state that changes between calls, so a full CUDA graph can capture it:
+  `flush()` (a no-op unless ring saves were committed since the last flush, so call `flush()` before capturing),
+  then, on the caller's current stream, one op packs K and V (`torch.cat`, freshly allocated: in a graph, the
+  graph's pool) and the FlashD2H scatter kernel writes the rows into `host.kv` (CUDA and the CPU under
+  `TRITON_INTERPRET=1`: the kernel, out-of-range slots skipped and counted for `wait_all`; a plain CPU:
+  `flash_d2h_scatter_torch`, which synchronizes). `slot_mapping` must be on `device`. Ordered with ring saves
+  both ways: it flushes first, and a later ring piece's side stream waits for the caller's stream.
 - Mechanism. Each save (or part) takes the next n rows of a staging ring:
   1. On the caller's (compute) stream, ONE op packs its tokens into the ring `[n, Hkv, 2D]` (`torch.cat` of K
      and V, or a copy of packed KV), one copies the slot ids (uva: and one fills the rows' layer). This consumes
@@ -36,7 +44,9 @@ Contract:
   event (a GPU-side wait; the host never blocks); staged blocks `save` on the host until its tasks finished.
   Size the ring for two layers of a full step so that neither wait ever finds the piece still running.
 - `flush()` commits, then makes every save so far visible to work the caller queues next on its current stream
-  (a FlashH2D load of a page saved this step): uva only enqueues a wait of that stream for the side stream;
+  (a FlashH2D load of a page saved this step): uva only enqueues a wait of that stream for the side stream, and
+  only when a piece was launched since the last flush (so the wait is made once per step, on the stream that the
+  caller uses for all its work, vLLM's compute stream; inside a CUDA-graph capture it then enqueues nothing);
   staged blocks until the scatter tasks finished (and re-raises a task's error).
 - `wait_all()` blocks until every save is in `host.kv` (call it before the host reads the store) and raises
   `ValueError` for slot ids beyond the store (uva: the kernel skipped and counted those tokens; staged: a task's
@@ -57,7 +67,8 @@ import numpy as np
 import torch
 
 from sparseserve_vllm.core.host_kv import HostKVStore
-from sparseserve_vllm.kernels.flash_d2h_scatter import FlashD2HScatter
+from sparseserve_vllm.kernels.flash_d2h_scatter import _INTERPRET as _SCATTER_INTERPRET
+from sparseserve_vllm.kernels.flash_d2h_scatter import FlashD2HScatter, flash_d2h_scatter_torch
 
 __all__ = ["FlashD2HSaver", "MODES"]
 
@@ -136,6 +147,7 @@ class FlashD2HSaver:
         if mode == "uva":
             self._dev_layers = torch.empty((staging_tokens,), dtype=torch.int32, device=device)
             self._kernel = FlashD2HScatter(num_sms=num_sms, tile_bytes=tile_bytes).plan(host.kv, device)
+            self._inline = self._kernel
             self._pool = None
         else:
             row = np.dtype((np.void, d2 * host.kv.element_size()))
@@ -149,6 +161,9 @@ class FlashD2HSaver:
             self._slots_np = self._slots.numpy()
             self._last: dict[int, list[Future]] = {}  # layer -> scatter tasks of the last piece holding it
             self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="flash_d2h")
+            self._inline = (FlashD2HScatter(num_sms=num_sms, tile_bytes=tile_bytes).plan(host.kv, device)
+                            if device.type == "cuda" or _SCATTER_INTERPRET else None)
+        self._unflushed = False  # a piece was launched on the side stream since the last flush
         self._pending: list[tuple[int, int, int]] = []  # saves staged but not committed: (first row, rows, layer)
         self._pending_rows = 0
         self._free_events: list = []
@@ -160,6 +175,77 @@ class FlashD2HSaver:
 
     def save(self, layer: int, key: torch.Tensor, value: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
         """Start saving the new tokens of `layer`; returns once they are queued (see the module docstring)."""
+        t = self._check_save(layer, key, value, slot_mapping)
+        if slot_mapping.device.type == "cpu" and t and int(slot_mapping.max()) >= self._capacity:
+            raise ValueError(f"slot_mapping must be < {self._capacity} (the store's slots), got {int(slot_mapping.max())}")
+        if t <= self.max_tokens and key.shape[0] == t and (value is None or value.shape[0] == t):  # no slicing
+            self._save_piece(layer, key, value, slot_mapping)
+            return
+        for a in range(0, t, self.max_tokens):
+            b = min(t, a + self.max_tokens)
+            self._save_piece(layer, key[a:b], None if value is None else value[a:b], slot_mapping[a:b])
+
+    def save_inline(self, layer: int, key: torch.Tensor, value: torch.Tensor | None,
+                    slot_mapping: torch.Tensor) -> None:
+        """Save the new tokens of `layer` on the current stream, CUDA-graph capturable (see the module docstring)."""
+        t = self._check_save(layer, key, value, slot_mapping)
+        if slot_mapping.device != self.device:
+            raise ValueError(f"slot_mapping must be on {self.device} for save_inline, got {slot_mapping.device}")
+        self.flush()  # earlier ring saves land first; a no-op when nothing was committed since the last flush
+        packed = key[:t].contiguous() if value is None else torch.cat((key[:t], value[:t]), dim=-1)
+        if self._inline is None:  # the CPU without the Triton interpreter: index assignment (synchronous anyway)
+            flash_d2h_scatter_torch(self.host.kv, packed, slot_mapping, layer)
+        else:
+            self._inline.run(packed, slot_mapping.contiguous(), layer)
+
+    def flush(self) -> None:
+        """Make every save so far visible to work queued next on the current stream (uva: without blocking; a
+        no-op when nothing was committed since the last flush)."""
+        if self.mode == "staged":
+            self._drain()
+            return
+        self._commit()
+        if self._unflushed:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            self._unflushed = False
+
+    def wait_all(self) -> None:
+        """Block until every save is in the host store; raise `ValueError` for slot ids beyond the store."""
+        self._drain()
+        skipped = 0
+        if self._inline is not None and self._stream is not None:
+            # Side-stream pieces are done; inline saves ran on the caller's stream: read the count after both,
+            # on the side stream (the compute stream itself is not synchronized).
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                skipped = self._inline.take_out_of_range()
+        elif self._inline is not None:
+            skipped = self._inline.take_out_of_range()
+        if skipped:
+            raise ValueError(f"slot_mapping must be < {self._capacity} (the store's slots): {skipped} token(s) "
+                             "saved since the last wait_all() had a larger slot id and were not saved")
+
+    def close(self) -> None:
+        """Wait for every save, then stop the worker threads. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.wait_all()
+        finally:
+            self._closed = True
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "FlashD2HSaver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- internals
+
+    def _check_save(self, layer: int, key: torch.Tensor, value: torch.Tensor | None, slot_mapping: torch.Tensor) -> int:
+        """Validate one save's arguments (no tensor values are read); returns T."""
         if self._closed:
             raise ValueError("save() after close()")
         host = self.host
@@ -182,53 +268,13 @@ class FlashD2HSaver:
                 raise ValueError(f"{name} dtype must be the host store's {host.dtype}, got {x.dtype}")
             if x.device != self.device:
                 raise ValueError(f"{name} must be on {self.device}, got {x.device}")
-        if slot_mapping.device.type == "cpu" and t and int(slot_mapping.max()) >= self._capacity:
-            raise ValueError(f"slot_mapping must be < {self._capacity} (the store's slots), got {int(slot_mapping.max())}")
-        if t <= self.max_tokens and key.shape[0] == t and (value is None or value.shape[0] == t):  # no slicing
-            self._save_piece(layer, key, value, slot_mapping)
-            return
-        for a in range(0, t, self.max_tokens):
-            b = min(t, a + self.max_tokens)
-            self._save_piece(layer, key[a:b], None if value is None else value[a:b], slot_mapping[a:b])
+        return t
 
-    def flush(self) -> None:
-        """Make every save so far visible to work queued next on the current stream (uva: without blocking)."""
-        if self.mode == "staged":
-            self.wait_all()
-            return
-        self._commit()
-        torch.cuda.current_stream(self.device).wait_stream(self._stream)
-
-    def wait_all(self) -> None:
-        """Block until every save is in the host store; raise `ValueError` for slot ids beyond the store."""
+    def _drain(self) -> None:
+        """Commit, then block until every committed piece is done (its scatter tasks finished, staged)."""
         self._commit()
         while self._inflight:
             self._retire(self._inflight.popleft(), block=True)
-        if self.mode == "uva":
-            with torch.cuda.stream(self._stream):  # the launches' stream: the compute stream is not synchronized
-                skipped = self._kernel.take_out_of_range()
-            if skipped:
-                raise ValueError(f"slot_mapping must be < {self._capacity} (the store's slots): {skipped} token(s) "
-                                 "saved since the last wait_all() had a larger slot id and were not saved")
-
-    def close(self) -> None:
-        """Wait for every save, then stop the worker threads. Idempotent."""
-        if self._closed:
-            return
-        try:
-            self.wait_all()
-        finally:
-            self._closed = True
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> "FlashD2HSaver":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # ------------------------------------------------------------- internals
 
     def _retire(self, piece: _Piece, block: bool) -> None:
         """Free the piece's ring rows: after its scatter, for the host (`block`) or for the current stream (uva)."""
@@ -289,6 +335,7 @@ class FlashD2HSaver:
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             event = self._free_events.pop() if self._free_events else torch.cuda.Event(blocking=True)
+            self._unflushed = True
             with torch.cuda.stream(self._stream):
                 if self.mode == "uva":
                     self._kernel.run(self._dev_kv[rows], self._dev_slots[rows], self._dev_layers[rows])

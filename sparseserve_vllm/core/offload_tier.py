@@ -7,30 +7,37 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
   (`trash_slot = num_slots - 1`) is the *trash page*: `cache` never hands it out (it manages `num_slots - 1`
   slots), and writes that must go nowhere (padding tokens, pages left without a slot) land there, so no write
   needs a boolean mask. Its contents are garbage; the pool needs at least 2 slots.
+- Once per engine step, on the host, before the step's first layer: `begin_step()`: makes the earlier steps' saves
+  visible to this step's loads (`flush`), raises the page cache's deferred errors of the previous step (one host
+  sync) and recomputes the eviction ring (`PageCache.begin_step`). vLLM's builder calls it, so it also runs before
+  the replay of a CUDA graph, which runs none of the per-layer Python below.
 - Per layer and step the caller runs, in this order:
-    `begin_layer(layer)`            a new protection scope: pages resolved from now on are not evicted until the
-                                    next call; when `layer` does not exceed the previous call's layer a new engine
-                                    step starts (`PageCache.begin_step`: raises the deferred errors of the previous
-                                    step, one host sync, and recomputes the eviction ring);
+    `begin_layer()`                 a new protection scope: pages resolved from now on are not evicted until the
+                                    next call (a device-side stamp increment);
     `write_new(layer, k, v, slots)` makes every page that receives a new token resident (loading its older tokens
                                     from host when it was evicted; a page whose first token arrives in this write
                                     loads nothing) and writes the new tokens into it (write-through); -1 entries of
                                     `slots` (padding) write into the trash page;
     `resident_slots(layer, pages)`  cache slots of pages `write_new` just made resident (page summaries), no sync;
+                                    -1 entries (padding) give -1, which indexes the trash page;
     `resolve(layer, flat_pages)`    selected pages -> cache slots, missing ones loaded by one FlashH2D launch;
     `gather_context(...)`           a request's whole context of one layer into a scratch buffer (dense prefill);
-    `save(layer, k, v, slots)`      FlashD2H: the new tokens to host DRAM, last, so that the loads above wait
-                                    only for earlier layers' saves.
-  `begin_layer`, `write_new`, `resident_slots`, `resolve` and `save` do not synchronize with the host (except the
-  step check in `begin_layer` at a new step): fixed-size tensors throughout, FlashH2D planned once per layer and
-  launched every time (-1 padded ids). `gather_context` synchronizes (prefill only).
+    `save(layer, k, v, slots)`      FlashD2H through the saver's ring and side stream (prefill and mixed steps), or
+    `save_inline(layer, k, v, slots)` on the current stream (decode-only steps, CUDA-graph capturable): the new
+                                    tokens to host DRAM, last, so that the loads above wait only for earlier saves.
+  `begin_layer`, `write_new`, `resident_slots`, `resolve` and `save_inline` perform no host synchronization, read no
+  Python state that changes between steps and allocate only fixed-size temporaries (for fixed argument shapes):
+  FlashH2D is planned once per layer and launched every time (-1 padded ids), and their flushes enqueue nothing
+  after `begin_step` unless a ring `save` came in between. So a decode-only step is CUDA-graph capturable.
+  `gather_context` synchronizes (prefill only).
 - Pages that got no slot because the cache could not hold them (or ids out of range) do not raise at once: their
   tokens go to the trash page, `resolve` returns -1 for them, and the error (`CacheCapacityError` or
-  `ValueError`) is raised by the next step's first `begin_layer` (or by `check()`).
+  `ValueError`) is raised by the next `begin_step()` (or by `check()`).
 - `free_blocks(block_ids)`: finished or aborted requests give their pages' cache slots back.
 - Host data written by `save` becomes visible to loads after `flush()`; `write_new`, `resolve` and
   `gather_context` flush before they load, so a load never reads a page older than what this process saved.
-- Counters: `stats()` returns hits, misses, evictions, bytes moved each way, HBM pages in use (synchronizes).
+- Counters (device tensors, updated without a sync, also inside CUDA graphs): `stats()` returns hits, misses,
+  evictions, bytes moved each way (d2h: tokens with a slot id >= 0), HBM pages in use (synchronizes).
 No vLLM import.
 """
 
@@ -76,18 +83,18 @@ class OffloadTier:
         self.page_bytes = cache_pages[0].numel() * cache_pages.element_size()
         self.token_bytes = host.num_kv_heads * 2 * host.head_dim * cache_pages.element_size()
         self._pages_h2d = torch.zeros((), dtype=torch.int64, device=self.device)  # pages loaded, on the device
-        self.bytes_d2h = 0
+        self._tokens_d2h = torch.zeros((), dtype=torch.int64, device=self.device)  # tokens saved, on the device
         self._heads = torch.arange(self.num_kv_heads, device=self.device)
-        self._last_layer: int | None = None
 
-    # ---- per layer ----
-    def begin_layer(self, layer: int) -> None:
-        """New protection scope for `layer`; a new engine step when `layer` is not above the previous layer."""
-        if self._last_layer is None or layer <= self._last_layer:
-            self.cache.begin_step()
-        else:
-            self.cache.begin_layer()
-        self._last_layer = layer
+    # ---- per step and layer ----
+    def begin_step(self) -> None:
+        """Start an engine step (host side, before its first layer): flush, deferred errors, new eviction ring."""
+        self.flush()
+        self.cache.begin_step()
+
+    def begin_layer(self) -> None:
+        """New protection scope for the next layer (on the device)."""
+        self.cache.begin_layer()
 
     def check(self) -> None:
         """Raise the page cache's deferred errors now (one host sync)."""
@@ -95,7 +102,14 @@ class OffloadTier:
 
     def save(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.saver.save(layer, key, value, slot_mapping)  # -1 slots are padding; rows past len(slot_mapping) ignored
-        self.bytes_d2h += slot_mapping.numel() * self.token_bytes
+        self._count_saved(slot_mapping)
+
+    def save_inline(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.saver.save_inline(layer, key, value, slot_mapping)
+        self._count_saved(slot_mapping)
+
+    def _count_saved(self, slot_mapping: torch.Tensor) -> None:
+        self._tokens_d2h += (slot_mapping >= 0).sum().to(self.device)
 
     def flush(self) -> None:
         self.saver.flush()
@@ -154,9 +168,9 @@ class OffloadTier:
 
     def resident_slots(self, layer: int, flat_pages: torch.Tensor) -> torch.Tensor:
         """Cache slots (int32) of pages known to be resident, e.g. those `write_new` just wrote this layer-step:
-        a lookup without eviction, checks or host sync (-1 for a page that is not cached: as an index into
-        `cache_pages` that reads the trash page)."""
-        return self.cache.resident[layer][flat_pages]
+        a lookup without eviction, range checks or host sync (-1 for a page that is not cached and for -1 padding:
+        as an index into `cache_pages` that reads the trash page)."""
+        return self.cache.lookup(layer, flat_pages, check_range=False)
 
     def gather_context(self, layer: int, block_ids: torch.Tensor, length: int, key: torch.Tensor | None = None,
                        value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +219,7 @@ class OffloadTier:
             "hbm_evictions": s["evictions"],
             "hbm_pages_in_use": s["used_slots"],
             "bytes_h2d": int(self._pages_h2d) * self.page_bytes,
-            "bytes_d2h": self.bytes_d2h,
+            "bytes_d2h": int(self._tokens_d2h) * self.token_bytes,
         }
 
     def close(self) -> None:

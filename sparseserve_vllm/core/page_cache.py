@@ -11,13 +11,15 @@ Contract:
     `owner`     int64 [num_slots]: `layer * num_logical_pages + page` of the slot's key, -1 when free;
     `last_use`  int64 [num_slots]: stamp of the slot's last use, -1 exactly when the slot is free;
     `hits`, `misses`, `evictions`: int64 scalar tensors on `device`, updated without a host sync.
-- Stamps and steps. The stamp (a Python int, starting at 0) names the current *scope*; a slot touched or taken in
-  the current scope (`last_use == stamp`) is protected: it is never taken by a `resolve` of the same scope.
-    `begin_step()`  once per engine step: `check()` (the one host sync), stamp += 1, and the *eviction ring* is
-                    recomputed: all slots sorted by `(last_use, slot id)` ascending (free slots first, lowest id
-                    first, then least recently used), with the ring *cursor* at position 0;
-    `begin_layer()` a new scope inside the step (the tier calls it for every layer after the first): stamp += 1,
-                    the ring and its cursor are kept.
+- Stamps and steps. The stamp (an int64 scalar tensor on `device`, starting at 0; `stamp` reads it as an int,
+  synchronizing) names the current *scope*; a slot touched or taken in the current scope (`last_use == stamp`) is
+  protected: it is never taken by a `resolve` of the same scope.
+    `begin_step()`  once per engine step, on the host before the step's work: `check()` (the one host sync),
+                    stamp += 1, and the *eviction ring* is recomputed: all slots sorted by `(last_use, slot id)`
+                    ascending (free slots first, lowest id first, then least recently used), with the ring *cursor*
+                    at position 0;
+    `begin_layer()` a new scope inside the step (the tier calls it for every layer): stamp += 1 on the device, the
+                    ring and its cursor are kept. No host sync and no Python state: CUDA-graph capturable.
   `invalidate` and `reset` recompute the ring too (cursor 0), so freed slots come first.
 - `resolve(layer, pages)`: `pages` is a 1-D integer tensor of length N; `-1` entries are padding and duplicates are
   allowed (every copy gets the same slot; a key is counted once). Exact semantics, also implemented by the
@@ -48,8 +50,9 @@ Contract:
 - `lookup` reads slots without touching; `invalidate` drops keys and frees their slots (request finished or
   aborted); `reset` empties the cache and zeroes the counters, the deferred errors and the stamp. These three and
   `stats`/`num_used_slots` may synchronize (they are not on the per-layer path); `lookup` and `invalidate` raise
-  `ValueError` for ids outside `[-1, num_logical_pages)`. Every method raises `ValueError` for a layer outside
-  `[0, num_layers)` or a `pages` argument that is not a 1-D integer tensor on `device`.
+  `ValueError` for ids outside `[-1, num_logical_pages)`, except `lookup(..., check_range=False)`, which checks
+  no values and does not synchronize (the tier's page summaries use it). Every method raises `ValueError` for a
+  layer outside `[0, num_layers)` or a `pages` argument that is not a 1-D integer tensor on `device`.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class PageCache:
         # hits, misses, evictions, unplaced (deferred CacheCapacityError), bad ids (deferred ValueError)
         self._counts = torch.zeros(5, dtype=torch.int64, device=self.device)
         self.hits, self.misses, self.evictions = self._counts[0], self._counts[1], self._counts[2]
-        self.stamp = 0
+        self._stamp = torch.zeros((), dtype=torch.int64, device=self.device)
         self._sort_ring()
 
     # ----------------------------------------------------------------------------------------------------- state
@@ -114,6 +117,11 @@ class PageCache:
         return self._last_use[1:]
 
     @property
+    def stamp(self) -> int:
+        """The current scope's stamp (synchronizes)."""
+        return int(self._stamp.item())
+
+    @property
     def num_used_slots(self) -> int:
         return int((self._owner[1:] > 0).sum().item())
 
@@ -123,7 +131,8 @@ class PageCache:
 
     def stats(self) -> dict[str, int]:
         """Counters and occupancy as Python ints (synchronizes with the host)."""
-        hits, misses, evictions, used = torch.cat([self._counts[:3], (self._owner[1:] > 0).sum().view(1)]).tolist()
+        hits, misses, evictions, used, stamp = torch.cat([self._counts[:3], (self._owner[1:] > 0).sum().view(1),
+                                                          self._stamp.view(1)]).tolist()
         return {
             "hits": hits,
             "misses": misses,
@@ -131,7 +140,7 @@ class PageCache:
             "used_slots": used,
             "free_slots": self.num_slots - used,
             "num_slots": self.num_slots,
-            "stamp": self.stamp,
+            "stamp": stamp,
         }
 
     # ------------------------------------------------------------------------------------------------ operations
@@ -156,26 +165,28 @@ class PageCache:
     def begin_step(self) -> None:
         """Start an engine step: raise deferred errors (`check`), new scope, eviction ring recomputed."""
         self.check()
-        self.stamp += 1
+        self._stamp.add_(1)
         self._sort_ring()
 
     def begin_layer(self) -> None:
-        """Start a new protection scope inside the step (slots of earlier scopes become takeable); no sync."""
-        self.stamp += 1
+        """Start a new protection scope inside the step (slots of earlier scopes become takeable); on the device."""
+        self._stamp.add_(1)
 
     def reset(self) -> None:
         self._resident.fill_(-1)
         self._owner.zero_()
         self._last_use.fill_(-1)
         self._counts.zero_()
-        self.stamp = 0
+        self._stamp.zero_()
         self._sort_ring()
 
-    def lookup(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
-        """int32 slots of `pages` in `layer` (-1 when not cached or for -1 padding); touches nothing."""
+    def lookup(self, layer: int, pages: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
+        """int32 slots of `pages` in `layer` (-1 when not cached or for -1 padding); touches nothing.
+        `check_range=False`: no range check and no host sync (ids outside `[-1, num_logical_pages)` read garbage)."""
         self._check_layer(layer)
         pages = self._check_pages(pages)
-        self._check_range(pages)
+        if check_range:
+            self._check_range(pages)
         return self._resident[pages + (layer * self._p1 + 1)]
 
     def invalidate(self, layer: int | None, pages: torch.Tensor) -> None:
@@ -212,12 +223,13 @@ class PageCache:
         first = srt != F.pad(srt[:-1], (1, 0), value=-1)  # first copy of each distinct page (never padding)
         keys = srt + base
         cached = self._resident[keys]
-        self._last_use.index_fill_(0, cached.to(torch.int64) + 1, self.stamp)  # hits touched; others -> trash
+        # index_put_, not index_fill_: index_fill_ reads a tensor fill value on the host (a sync).
+        self._last_use.index_put_((cached.to(torch.int64) + 1,), self._stamp)  # hits touched; others -> trash
         miss = first & (cached < 0)
         miss_rank = torch.cumsum(miss, 0)  # k-th missing page (1-based) at its first copy
         # Window of the eviction ring from the cursor; its takeable slots ranked in window order.
         cand = self._ring[self._cursor + self._window_pos]  # slot + 1
-        take_rank = torch.cumsum(self._last_use[cand] < self.stamp, 0)
+        take_rank = torch.cumsum(self._last_use[cand] < self._stamp, 0)
         num_miss, num_takeable = miss_rank[-1:], take_rank[-1:]
         pos = torch.searchsorted(take_rank, miss_rank)  # window position of the miss_rank-th takeable slot
         placed = miss & (miss_rank <= num_takeable)
@@ -226,7 +238,7 @@ class PageCache:
         self._resident.index_fill_(0, old, -1)  # evicted keys (a free slot's owner 0 is trash)
         new_keys = torch.where(placed, keys, 0)
         self._owner.index_put_((victim,), new_keys)  # unplaced entries write 0 into the trash owner
-        self._last_use.index_fill_(0, victim, self.stamp)
+        self._last_use.index_put_((victim,), self._stamp)
         victim_slot = (victim - 1).to(torch.int32)
         self._resident.index_put_((new_keys,), victim_slot)  # unplaced entries write -1 into the trash column
         num_placed = torch.minimum(num_miss, num_takeable)

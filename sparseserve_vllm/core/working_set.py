@@ -5,7 +5,8 @@ Contract:
   requests, as logical flat page ids `(block * Hkv + head) * ppb + page_in_block` (any shape, int64, -1 = padding).
 - `WorkingSetTracker` keeps one stamp per `(layer, page)`: `last_selected` int32 [num_layers, num_logical_pages],
   the decode step at which the page was last selected, `NEVER` (int32 min) when it never was or was forgotten.
-  `step` counts `end_step()` calls; `record` stamps with `step` (the step still open).
+  `step` counts `end_step()` calls; `record` stamps with `step` (the step still open), read from a device copy of
+  it, so `record` reads no Python state: a CUDA graph that captured it stamps the current step at replay.
 - The working set of a request is the number of distinct `(layer, page)` among its owned pages whose stamp is
   `>= step - window`, i.e. selected in the last `window` completed decode steps or in the open one. Called between
   steps (after `end_step()`), that is exactly the union of the selections of the last `window` decode steps. Times
@@ -120,6 +121,7 @@ class WorkingSetTracker:
         # One trailing trash column absorbs the writes of -1 padding without boolean-mask indexing.
         self._stamps = torch.full((num_layers, num_logical_pages + 1), NEVER, dtype=torch.int32, device=self.device)
         self.step = 0
+        self._step = torch.zeros((), dtype=torch.int32, device=self.device)  # `step` on the device, for `record`
 
     @property
     def last_selected(self) -> torch.Tensor:
@@ -131,11 +133,12 @@ class WorkingSetTracker:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         pages = self._check_pages("pages", pages).reshape(-1)
-        self._stamps[layer, self._column(pages)] = self.step
+        self._stamps[layer, self._column(pages)] = self._step
 
     def end_step(self) -> None:
         """Close the open decode step."""
         self.step += 1
+        self._step.add_(1)
 
     def forget(self, pages: torch.Tensor) -> None:
         """Clear the stamps of `pages` in every layer (their request finished; -1 ignored)."""

@@ -23,7 +23,8 @@ score, select (with fused slots/page lengths/counters) and attention kernels (pl
 
 ``translate(slots, lens) -> slots`` (optional) maps the selected flat page slots (``[b, Hkv, num_select]``, with
 their valid lengths) to rows of ``kv_pages`` before attention: the offload tier passes its HBM page cache as
-``kv_pages`` and resolves logical pages to cache slots there (loading misses).
+``kv_pages`` and resolves logical pages to cache slots there (loading misses). The run stays CUDA-graph
+capturable when ``translate`` is (the tier's is: fixed shapes, no host sync).
 
 After ``run``: ``last_page_indices`` (``[b, Hkv, num_select]`` int32 logical pages, ascending, ``-1`` padded),
 ``last_slots`` and ``last_page_lens`` are views of the plan's buffers (overwritten by the next run);
@@ -130,7 +131,7 @@ class SparseDecodeWrapper:
                      sink_pages=self.sink_pages, recent_pages=self.recent_pages, out=page_idx,
                      block_table=block_table, ppb=self.ppb, slots_out=slots, lens_out=lens,
                      counters=self.counters, backend=self.backend)
-        if translate is not None:  # e.g. logical page slots -> HBM page-cache slots (offload); not graph-capturable
+        if translate is not None:  # e.g. logical page slots -> HBM page-cache slots (offload)
             slots = translate(slots, lens)
         splits = self.splits_for(b)
         workspace = None
