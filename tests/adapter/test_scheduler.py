@@ -143,7 +143,7 @@ def test_runtime_reports_each_decode_requests_working_set_in_bytes():
 
     def step(selections):
         """One decode step: `selections[layer]` = [A's pages, B's pages] (None: padding), the same for both heads."""
-        rt.note_decode_rows(table, lens)
+        rt.note_decode_rows(table, lens, selects=bool(selections))
         for layer, rows in selections.items():
             ids = torch.tensor([[-1 if p is None else p for p in row] for row in rows]).view(2, 1, -1).repeat(1, hkv, 1)
             valid = ids >= 0

@@ -251,3 +251,38 @@ def test_bad_arguments_name_the_argument(mode):
     saver.close()
     with pytest.raises(ValueError, match="close"):
         saver.save(0, k, k, slots)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_inline_saves_interleave_with_ring_saves_and_are_sync_free(mode, monkeypatch):
+    """Decode-step saves on the current stream (`save_inline`) between ring saves of the same slots, whose scatters
+    are held back: every later save wins; the inline path calls nothing that synchronizes; and slot ids beyond the
+    store are skipped and reported by wait_all."""
+    from tests.host_sync import forbid_host_sync
+
+    hold_back(monkeypatch, mode, lambda i: True)
+    gen = torch.Generator().manual_seed(12)
+    store = make_store(torch.float16)
+    ref = store.kv.double().clone()
+    with FlashD2HSaver(store, max_tokens=16, num_threads=2, device=DEVICE, mode=mode, num_sms=2) as saver:
+        for step in range(3):
+            slots = random_slots(12, store.num_tokens, gen, pad=2)
+            for layer, inline in itertools.product(range(store.num_layers), (False, True)):
+                key = torch.randn((13, 2, 4), generator=gen).to(torch.float16)
+                value = torch.randn((13, 2, 4), generator=gen).to(torch.float16)
+                reference_save(ref, layer, key[:12], value[:12], slots, store.block_size)
+                k, v, s = key.to(DEVICE), value.to(DEVICE), slots.to(DEVICE)
+                if inline:
+                    saver.flush()  # what the step's start does; the inline save itself must not sync
+                    with monkeypatch.context() as mp:
+                        forbid_host_sync(mp)
+                        saver.save_inline(layer, k, v, s)
+                else:
+                    saver.save(layer, k, v, s)
+        saver.wait_all()
+        assert torch.equal(store.kv.double(), ref)
+        bad = torch.tensor([store.num_tokens + 3, 0], device=DEVICE)
+        saver.save_inline(0, torch.zeros((2, 2, 4), dtype=torch.float16, device=DEVICE),
+                          torch.zeros((2, 2, 4), dtype=torch.float16, device=DEVICE), bad)
+        with pytest.raises(ValueError, match="1 token"):
+            saver.wait_all()

@@ -15,7 +15,7 @@ from sparseserve_vllm.core.offload_tier import OffloadTier
 from sparseserve_vllm.core.page_cache import CacheCapacityError
 import sparseserve_vllm.kernels.flash_h2d as fh
 
-from .test_page_cache import forbid_host_sync
+from tests.host_sync import forbid_host_sync
 
 LAYERS, BLOCKS, HKV, BS, D, PS = 2, 6, 2, 16, 8, 4
 PPB = BS // PS
@@ -33,7 +33,7 @@ def write_tokens(tier, ref, layer, slots, gen):
     k = torch.randn(len(slots), HKV, D, generator=gen)
     v = torch.randn(len(slots), HKV, D, generator=gen)
     sm = torch.tensor(slots, dtype=torch.long)
-    tier.begin_layer(layer)
+    tier.begin_step()
     tier.write_new(layer, k, v, sm)
     tier.save(layer, k, v, sm)
     for t, s in enumerate(slots):
@@ -61,7 +61,7 @@ def test_saved_pages_come_back_after_eviction_and_gather_matches():
     # Every written page resolves to a slot holding its reference data, one layer at a time.
     for layer in range(LAYERS):
         for block in (1, 3, 4):
-            tier.begin_layer(layer)
+            tier.begin_step()
             pages = tier.block_pages(torch.tensor([block])).reshape(-1)
             slots = tier.resolve(layer, torch.cat([pages, torch.tensor([-1])]))
             assert slots[-1] == -1
@@ -119,7 +119,7 @@ def test_more_pages_than_the_pool_in_one_layer_step_raises_at_the_next_step():
     ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
     write_tokens(tier, ref, 0, list(range(BS)), gen)  # block 0 fills the cache
     tier.flush()
-    tier.begin_layer(1)  # same step, a new scope: block 0's pages may be evicted, block 2's are protected
+    tier.begin_layer()  # same step, a new scope: block 0's pages may be evicted, block 2's are protected
     pages = tier.block_pages(torch.tensor([0, 2])).reshape(-1)  # twice the cache
     # Pages of layer 0 are missing in layer 1: half of them get the slots, the rest get none (-1), silently.
     slots = tier.resolve(1, pages)
@@ -130,8 +130,8 @@ def test_more_pages_than_the_pool_in_one_layer_step_raises_at_the_next_step():
     assert (tier.resident_slots(1, tier.token_pages(torch.tensor([3 * BS])).reshape(-1)) == -1).all()
     assert not tier.cache_pages[-1, 0].isnan().any()  # the trash page took it
     with pytest.raises(CacheCapacityError, match="enlarge the cache"):
-        tier.begin_layer(0)
-    tier.begin_layer(0)  # raised once
+        tier.begin_step()
+    tier.begin_step()  # raised once
     tier.close()
 
 
@@ -165,7 +165,7 @@ def test_write_new_and_resolve_call_nothing_that_syncs():
     sm = torch.tensor([5 * BS + 6, -1, 5 * BS + 8])  # a page with older tokens and a fresh one
     ref[0, 5, :, 6, :D], ref[0, 5, :, 6, D:] = k[0], v[0]
     ref[0, 5, :, 8, :D], ref[0, 5, :, 8, D:] = k[2], v[2]
-    tier.begin_layer(0)
+    tier.begin_step()
     with pytest.MonkeyPatch.context() as mp:
         forbid_host_sync(mp)
         # FlashH2D range-checks CPU ids (int(max)); with device ids (CUDA) it checks nothing: stub the CPU check.
@@ -192,7 +192,7 @@ def test_cuda_write_new_and_resolve_do_not_sync():
     sm = torch.tensor([BS + 1, -1, 2 * BS], device="cuda")
     pages = tier.block_pages(torch.tensor([3, 4])).reshape(-1)[::2].contiguous()
     for layer in range(LAYERS):
-        tier.begin_layer(layer)
+        tier.begin_step()
         tier.write_new(layer, k, k, sm)  # warm-up: plans FlashH2D, compiles
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -221,4 +221,150 @@ def test_write_new_loads_only_pages_with_older_tokens():
     page = tier.token_pages(torch.tensor([5 * BS + 2])).reshape(-1)
     for p, s in zip(page.tolist(), tier.resident_slots(0, page).tolist()):
         torch.testing.assert_close(tier.cache_pages[s, :3], ref_page(ref, 0, p)[:3], rtol=0, atol=0)
+    tier.close()
+
+
+@pytest.mark.skipif(not fh._INTERPRET, reason="the CPU torch paths of FlashH2D/FlashD2H synchronize by design")
+def test_decode_steps_are_sync_free_and_replay_the_same_trace():
+    """Decode-only steps as a full CUDA graph runs them: the host does `begin_step` and copies the step's inputs into
+    persistent buffers; then, under the graph guard, every layer runs begin_layer, write_new, resolve of the
+    selection and save_inline. Each step's data equals the reference (with evictions), and two steps with other
+    contents record the same trace (same ops, same frozen Python values, same persistent tensors)."""
+    from tests.host_sync import graph_trace
+
+    gen = torch.Generator().manual_seed(7)
+    tier = make_tier(num_slots=3 * HKV * PPB)  # one layer's selection fills it: every step evicts the other layer
+    ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
+    tables, lens = [[1, 3], [4, 5]], [20, 18]
+    def slot(r, pos):
+        return tables[r][pos // BS] * BS + pos % BS
+
+    def valid_tokens(page):  # of a page of one of the requests, at the current lengths
+        block, rest = divmod(page, HKV * PPB)
+        r = next(r for r, t in enumerate(tables) if block in t)
+        return min(PS, lens[r] - (tables[r].index(block) * PPB + rest % PPB) * PS)
+
+    for layer in range(LAYERS):  # prefill through the ring saver
+        write_tokens(tier, ref, layer, [slot(r, i) for r, n in enumerate(lens) for i in range(n)], gen)
+    rows, max_pages = 3, 2 * PPB  # a padded batch of 3 rows (the last is padding); 8 pages per request and head
+    k_buf, v_buf = torch.zeros(rows, HKV, D), torch.zeros(rows, HKV, D)
+    sm_buf = torch.full((rows,), -1, dtype=torch.long)
+    sel_buf = torch.full((rows * HKV * max_pages,), -1, dtype=torch.long)
+    out_buf = torch.zeros(LAYERS, sel_buf.numel(), PS, 2 * D)
+    traces = []
+    for step in range(3):  # step 0 warms up (plans FlashH2D per layer), as vLLM does before capturing
+        k_new, v_new = torch.randn(2, HKV, D, generator=gen), torch.randn(2, HKV, D, generator=gen)
+        slots = [slot(r, n) for r, n in enumerate(lens)]
+        lens = [n + 1 for n in lens]
+        sel = torch.full((rows, HKV, max_pages), -1, dtype=torch.long)
+        for r, (t, n) in enumerate(zip(tables, lens)):
+            npages = -(-n // PS)
+            for p in range(npages):
+                sel[r, :, p] = tier.block_pages(torch.tensor([t[p // PPB]]))[0, :, p % PPB]
+            for layer in range(LAYERS):
+                ref[layer, slots[r] // BS, :, slots[r] % BS] = torch.cat([k_new[r], v_new[r]], -1)
+        k_buf[:2], v_buf[:2], sm_buf[:2] = k_new, v_new, torch.tensor(slots)
+        sel_buf.copy_(sel.reshape(-1))
+        tier.begin_step()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fh, "_check_id_range", lambda *a: None)  # the CPU-only id range check of FlashH2D
+            with graph_trace(mp) as ops:
+                for layer in range(LAYERS):
+                    tier.begin_layer()
+                    tier.write_new(layer, k_buf, v_buf, sm_buf)
+                    cache_slots = tier.resolve(layer, sel_buf)
+                    out_buf[layer] = tier.cache_pages[cache_slots.to(torch.long)]
+                    tier.save_inline(layer, k_buf, v_buf, sm_buf)
+        traces.append(ops)
+        for layer in range(LAYERS):
+            for i, page in enumerate(sel_buf.tolist()):
+                if page >= 0:
+                    valid = valid_tokens(page)
+                    torch.testing.assert_close(out_buf[layer, i, :valid], ref_page(ref, layer, page)[:valid], rtol=0, atol=0)
+    assert traces[1] == traces[2]
+    persistent = {x[1] for op in traces[1] for x in op[1:] if isinstance(x, tuple) and x[0] == "persistent"}
+    assert {k_buf.data_ptr(), sm_buf.data_ptr(), sel_buf.data_ptr(), tier.cache_pages.data_ptr()} <= persistent
+    st = tier.stats()
+    assert st["hbm_evictions"] > 0 and st["hbm_misses"] > 0
+    tier.saver.wait_all()
+    written = ~ref.isnan()
+    torch.testing.assert_close(tier.host.kv[written], ref[written], rtol=0, atol=0)
+    tier.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_of_decode_layers_replays_steps_with_evictions():
+    """The per-layer decode sequence captured once in a CUDA graph and replayed for later steps (begin_step and the
+    inputs copied on the host before each replay) loads, writes and saves exactly as the reference says."""
+    host = HostKVStore(LAYERS, BLOCKS, HKV, BS, D, torch.float16, pin=True)
+    host.kv.zero_()
+    pool = torch.zeros((3 * HKV * PPB + 1, PS, 2 * D), dtype=torch.float16, device="cuda")
+    tier = OffloadTier(host=host, cache_pages=pool, page_size=PS, max_tokens=64)
+    ref = torch.zeros((LAYERS, BLOCKS, HKV, BS, 2 * D), dtype=torch.float16)
+    tables, lens = [[1, 3], [4, 5]], [20, 18]
+
+    def slot(r, pos):
+        return tables[r][pos // BS] * BS + pos % BS
+
+    def put(layer, slots, k, v):
+        for t, s in enumerate(slots):
+            ref[layer, s // BS, :, s % BS] = torch.cat([k[t], v[t]], -1).cpu()
+
+    prefill = [slot(r, i) for r, n in enumerate(lens) for i in range(n)]
+    tier.begin_step()
+    for layer in range(LAYERS):  # prefill through the ring saver
+        k, v = (torch.randn(len(prefill), HKV, D, dtype=torch.float16, device="cuda") for _ in range(2))
+        tier.begin_layer()
+        tier.write_new(layer, k, v, torch.tensor(prefill, device="cuda"))
+        tier.save(layer, k, v, torch.tensor(prefill, device="cuda"))
+        put(layer, prefill, k, v)
+    rows, max_pages = 3, 2 * PPB
+    k_buf, v_buf = (torch.zeros(LAYERS, rows, HKV, D, dtype=torch.float16, device="cuda") for _ in range(2))
+    sm_buf = torch.full((rows,), -1, dtype=torch.long, device="cuda")
+    sel_buf = torch.full((rows * HKV * max_pages,), -1, dtype=torch.long, device="cuda")
+    out_buf = torch.zeros((LAYERS, sel_buf.numel(), PS, 2 * D), dtype=torch.float16, device="cuda")
+
+    def layers():
+        for layer in range(LAYERS):
+            tier.begin_layer()
+            tier.write_new(layer, k_buf[layer], v_buf[layer], sm_buf)
+            out_buf[layer] = pool[tier.resolve(layer, sel_buf).to(torch.long)]
+            tier.save_inline(layer, k_buf[layer], v_buf[layer], sm_buf)
+
+    graph = None
+    for step in range(4):
+        slots = [slot(r, n) for r, n in enumerate(lens)]
+        lens = [n + 1 for n in lens]
+        sel = torch.full((rows, HKV, max_pages), -1, dtype=torch.long)
+        for r, (t, n) in enumerate(zip(tables, lens)):
+            for p in range(-(-n // PS)):
+                sel[r, :, p] = tier.block_pages(torch.tensor([t[p // PPB]]))[0, :, p % PPB].cpu()
+        k_buf.normal_(), v_buf.normal_()
+        for layer in range(LAYERS):
+            put(layer, slots, k_buf[layer], v_buf[layer])
+        sm_buf[:2] = torch.tensor(slots, device="cuda")
+        sel_buf.copy_(sel.reshape(-1))
+        tier.begin_step()
+        if step == 0:
+            layers()  # warm-up: plans FlashH2D, compiles the kernels
+        else:
+            if graph is None:
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    layers()
+            graph.replay()
+        torch.cuda.synchronize()
+        got = out_buf.cpu()
+        for layer in range(LAYERS):
+            for i, page in enumerate(sel_buf.tolist()):
+                if page >= 0:
+                    block, rest = divmod(page, HKV * PPB)
+                    r = next(r for r, t in enumerate(tables) if block in t)
+                    valid = min(PS, lens[r] - (tables[r].index(block) * PPB + rest % PPB) * PS)
+                    torch.testing.assert_close(got[layer, i, :valid], ref_page(ref, layer, page)[:valid], rtol=0, atol=0)
+    assert tier.stats()["hbm_evictions"] > 0
+    tier.saver.wait_all()
+    written = ref != 0
+    torch.testing.assert_close(host.kv[written], ref[written], rtol=0, atol=0)
     tier.close()

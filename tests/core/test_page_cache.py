@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from sparseserve_vllm.core.page_cache import CacheCapacityError, PageCache
+from tests.host_sync import forbid_host_sync
 
 
 class RefCache:
@@ -287,32 +288,6 @@ def test_random_trace_matches_reference_at_scale():
     assert ref.evictions > 0 and ref.hits > 0
 
 
-def forbid_host_sync(mp: pytest.MonkeyPatch) -> None:
-    """Make the torch calls that synchronize with the host on CUDA raise (a CPU guard; `mp.undo()` lifts it):
-    reading values (`item`, `tolist`, `bool`/`int`/`index` of a tensor), data-dependent sizes (`nonzero`,
-    `unique`, `masked_select`, `isin`) and boolean-mask indexing."""
-
-    def forbid(name):
-        def raiser(*args, **kwargs):
-            raise AssertionError(f"{name} called on the sync-free path")
-        return raiser
-
-    for name in ("item", "tolist", "nonzero", "unique", "__bool__", "__int__", "__index__", "any", "all"):
-        mp.setattr(torch.Tensor, name, forbid(f"Tensor.{name}"))
-    for name in ("nonzero", "unique", "unique_consecutive", "masked_select", "isin"):
-        mp.setattr(torch, name, forbid(f"torch.{name}"))
-    for method in ("__getitem__", "__setitem__"):
-        original = getattr(torch.Tensor, method)
-
-        def guarded(self, index, *rest, _original=original, _method=method):
-            parts = index if isinstance(index, tuple) else (index,)
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
-                raise AssertionError(f"boolean-mask {_method} on the sync-free path")
-            return _original(self, index, *rest)
-
-        mp.setattr(torch.Tensor, method, guarded)
-
-
 def test_the_guard_catches_a_sync():
     x = _t([1, 2])
     with pytest.MonkeyPatch.context() as mp:
@@ -355,6 +330,27 @@ def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call(cache)
     assert cache.num_used_slots == 0 and cache.stats()["misses"] == 0
+
+
+def test_layer_scopes_replay_one_trace():
+    """begin_layer + resolve of one shape record the same trace in every scope and step (the stamp and the cursor
+    are device state), so a CUDA graph captured once replays them; nothing in them syncs (also not inside C++)."""
+    from tests.host_sync import graph_trace
+
+    cache = PageCache(num_layers=2, num_logical_pages=64, num_slots=8)
+    pages = torch.full((6,), -1, dtype=torch.int64)  # persistent input, refilled per step
+    traces = []
+    for step in range(3):
+        cache.begin_step()
+        pages.copy_(torch.tensor([step, step + 5, -1, 20 + step, 20 + step, 40]))
+        with pytest.MonkeyPatch.context() as mp:
+            with graph_trace(mp) as ops:
+                for layer in range(2):
+                    cache.begin_layer()
+                    cache.resolve(layer, pages)
+        traces.append(ops)
+    assert traces[0] == traces[1] == traces[2]
+    assert cache.stats()["evictions"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
