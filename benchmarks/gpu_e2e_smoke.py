@@ -55,7 +55,8 @@ def run_engine(model, backend, sparseserve, prompts, output_len, max_model_len, 
     outs = llm.generate(inputs, spn, use_tqdm=False)
     full_s = time.perf_counter() - t
     t = time.perf_counter()
-    llm.generate([TokensPrompt(prompt_token_ids=p) for p in long_prompts], sp1, use_tqdm=False)
+    if long_prompts:
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in long_prompts], sp1, use_tqdm=False)
     long_s = time.perf_counter() - t
     time.sleep(1.5)
     after = read_totals()
