@@ -163,6 +163,11 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
         self._num_kv_heads = kv_cache_spec.num_kv_heads
         self._decode_summaries = torch.full((max_batch * kv_cache_spec.num_kv_heads,), -1, dtype=torch.long,
                                             device=device)
+        # Full CUDA graphs may replay decode-only batches: then their page summaries go through the persistent -1
+        # padded buffer (every layer summarizes num_reqs x Hkv entries, mostly padding). Eager engines (and steps
+        # without full graphs) get only the pages that really fill, usually none (one step in page_size).
+        mode = vllm_config.compilation_config.cudagraph_mode
+        self._full_graphs = device.type == "cuda" and mode is not None and mode.has_full_cudagraphs()
         self._capturing = False
         self._fa_builder = None
         if device.type == "cuda":
@@ -190,7 +195,7 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
         summarize = rt.filled_page_slots(qsl_cpu, seq_lens_cpu, cm.block_table_tensor)
         if not self._capturing:
             self._count(nd, ndt, cm.num_actual_tokens, seq_lens_cpu[:nd], summarize.numel())
-        if npf == 0 and self.device.type == "cuda":  # full CUDA graphs may replay it
+        if npf == 0 and self.device.type == "cuda" and (self._full_graphs or self._capturing):  # a graph may replay it
             summarize = self._persistent_summaries(summarize, cm.num_reqs)
         if rt.cfg.offload:
             rt.begin_step(cm.block_table_tensor[:nd], seq_lens_cpu[:nd], selects=nd > 0 and self.num_sparse_layers > 0)

@@ -23,7 +23,10 @@ Contract:
   extra LAST row is a trash row: page summaries of decode-only steps come in a -1 padded buffer, and
   `meta[slots] = ...` writes the padding there.
 - Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line
-  summing every process of the engine (the scheduler's working-set cap included).
+  summing every process of the engine (the scheduler's working-set cap included). The publishing thread reads
+  host copies only (the tier's `last_stats`, read in host syncs the main thread makes anyway: `begin_step`, the
+  working-set report, `free_blocks`): a GPU sync from another thread during vLLM's CUDA-graph capture would
+  invalidate the capture.
 """
 
 from __future__ import annotations
@@ -123,8 +126,9 @@ class SparseRuntime:
         last_log = time.monotonic()
         while True:
             time.sleep(0.5)
-            if self.tier is not None:
-                self.counters.values.update(self.tier.stats())
+            tier = self.tier
+            if tier is not None:  # host copies only: this thread must not touch the GPU (see OffloadTier)
+                self.counters.values.update(tier.last_stats)
             values = dict(self.counters.values)
             if values != published:
                 stats.publish(self.counters, self._stats_dir)
@@ -181,6 +185,7 @@ class SparseRuntime:
         if self.tier is not None:
             pages = self.tier.free_blocks(torch.tensor(block_ids, dtype=torch.long))
             self.ws_tracker.forget(pages)
+            self.tier.refresh_stats()  # pages in use, for the publisher (free_blocks synchronizes anyway)
 
     # ---- per step (offload) ----
     def begin_step(self, block_table: torch.Tensor, seq_lens_cpu: torch.Tensor, *, selects: bool) -> None:
@@ -223,11 +228,12 @@ class SparseRuntime:
         if self._ws_open:
             self.ws_tracker.end_step()
             self._ws_open = False
-        if rows is None:
+        if rows is None:  # no decode rows: no sync here (the next begin_step reads the counters)
             return {}
         first, owned = rows
         ws = self.ws_tracker.working_set_pages(owned) * self.ws_tracker.bytes_per_page
-        blocks, nbytes = torch.stack([first, ws]).tolist()
+        values = self.tier.refresh_stats(torch.cat([first, ws]))  # one host sync: the report and the counters
+        blocks, nbytes = values[: first.numel()], values[first.numel():]
         return {b: n for b, n in zip(blocks, nbytes) if n > 0}
 
     def page_meta(self, layer_idx: int, kv_cache: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
   `gather_context` flush before they load, so a load never reads a page older than what this process saved.
 - Counters (device tensors, updated without a sync, also inside CUDA graphs): `stats()` returns hits, misses,
   evictions, bytes moved each way (d2h: tokens with a slot id >= 0), HBM pages in use (synchronizes).
+  `last_stats` holds them as read by the last `begin_step` (in its one sync), `refresh_stats` or `stats`: plain
+  ints for other threads (the runtime's stats publisher), which must never touch the GPU (during vLLM's CUDA-graph
+  capture, in the default "global" capture mode, a GPU sync or allocation from another thread invalidates it).
 No vLLM import.
 """
 
@@ -85,12 +88,20 @@ class OffloadTier:
         self._pages_h2d = torch.zeros((), dtype=torch.int64, device=self.device)  # pages loaded, on the device
         self._tokens_d2h = torch.zeros((), dtype=torch.int64, device=self.device)  # tokens saved, on the device
         self._heads = torch.arange(self.num_kv_heads, device=self.device)
+        # Counters as of the last host read (begin_step, refresh_stats, stats): plain ints that another thread may
+        # read without touching the GPU (a GPU sync from another thread during a CUDA-graph capture breaks it).
+        self.last_stats: dict[str, int] = dict.fromkeys(
+            ("hbm_hits", "hbm_misses", "hbm_evictions", "hbm_pages_in_use", "bytes_h2d", "bytes_d2h"), 0)
 
     # ---- per step and layer ----
     def begin_step(self) -> None:
-        """Start an engine step (host side, before its first layer): flush, deferred errors, new eviction ring."""
+        """Start an engine step (host side, before its first layer): flush, deferred errors, new eviction ring; the
+        counters are read in the same host sync (`last_stats`)."""
         self.flush()
-        self.cache.begin_step()
+        try:
+            self.cache.begin_step(self._counter_tensor())
+        finally:
+            self._keep_stats(self.cache.last_read)
 
     def begin_layer(self) -> None:
         """New protection scope for the next layer (on the device)."""
@@ -212,14 +223,32 @@ class OffloadTier:
         return pages
 
     def stats(self) -> dict[str, int]:
-        s = self.cache.stats()
-        return {
-            "hbm_hits": s["hits"],
-            "hbm_misses": s["misses"],
-            "hbm_evictions": s["evictions"],
-            "hbm_pages_in_use": s["used_slots"],
-            "bytes_h2d": int(self._pages_h2d) * self.page_bytes,
-            "bytes_d2h": int(self._tokens_d2h) * self.token_bytes,
+        """The counters now (one host sync, on the caller's current stream; see `last_stats` for other threads)."""
+        self.refresh_stats()
+        return dict(self.last_stats)
+
+    def refresh_stats(self, extra: torch.Tensor | None = None) -> list[int]:
+        """Read the counters into `last_stats` (one host sync); `extra` (1-D int64 on the device) is read in the same
+        sync and its values returned."""
+        counters = self._counter_tensor()
+        values = (counters if extra is None else torch.cat([counters, extra.view(-1).to(torch.int64)])).tolist()
+        self._keep_stats(values)
+        return values[counters.numel():]
+
+    def _counter_tensor(self) -> torch.Tensor:
+        return torch.cat([self.cache.counter_tensor(), self._pages_h2d.view(1), self._tokens_d2h.view(1)])
+
+    def _keep_stats(self, values: list[int]) -> None:
+        if len(values) < 6:
+            return
+        hits, misses, evictions, used, pages_h2d, tokens_d2h = values[:6]
+        self.last_stats = {
+            "hbm_hits": hits,
+            "hbm_misses": misses,
+            "hbm_evictions": evictions,
+            "hbm_pages_in_use": used,
+            "bytes_h2d": pages_h2d * self.page_bytes,
+            "bytes_d2h": tokens_d2h * self.token_bytes,
         }
 
     def close(self) -> None:

@@ -45,7 +45,8 @@ Contract:
   without evicting a protected slot; a smaller `window` is cheaper but can leave pages unplaced earlier).
 - Errors of `resolve` are deferred: `check()` synchronizes once and raises `ValueError` if bad ids were passed,
   else `CacheCapacityError` if pages were left unplaced, since the last `check()` (then clears both counts);
-  `begin_step()` calls it. A step that left pages unplaced attended to garbage for them (the slot its caller
+  `begin_step()` calls it. Both take an optional `extra` int64 tensor that is read in the same sync (the tier
+  reads its counters there, `counter_tensor()`, so that a stats thread never has to touch the GPU). A step that left pages unplaced attended to garbage for them (the slot its caller
   substituted for -1) before the error is raised at the next step; bad ids were read as padding.
 - `lookup` reads slots without touching; `invalidate` drops keys and frees their slots (request finished or
   aborted); `reset` empties the cache and zeroes the counters, the deferred errors and the stamp. These three and
@@ -97,6 +98,7 @@ class PageCache:
         self._counts = torch.zeros(5, dtype=torch.int64, device=self.device)
         self.hits, self.misses, self.evictions = self._counts[0], self._counts[1], self._counts[2]
         self._stamp = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.last_read: list[int] = []  # the `extra` values of the last `check`
         self._sort_ring()
 
     # ----------------------------------------------------------------------------------------------------- state
@@ -144,9 +146,13 @@ class PageCache:
         }
 
     # ------------------------------------------------------------------------------------------------ operations
-    def check(self) -> None:
-        """Raise the errors `resolve` deferred since the last check (one host sync), clearing them."""
-        unplaced, bad = self._counts[3:].tolist()
+    def check(self, extra: torch.Tensor | None = None) -> list[int]:
+        """Raise the errors `resolve` deferred since the last check (one host sync), clearing them. `extra` (a 1-D
+        int64 tensor on `device`) is read in the same sync: its values are returned, and kept in `last_read` (also when
+        an error is raised)."""
+        values = (self._counts[3:] if extra is None else torch.cat([self._counts[3:], extra.view(-1)])).tolist()
+        unplaced, bad, values = values[0], values[1], values[2:]
+        self.last_read = values
         if bad or unplaced:
             self._counts[3:].zero_()
         if bad:
@@ -161,12 +167,19 @@ class PageCache:
                 f"slots a resolve may scan (num_slots {self.num_slots}), too few were not protected by their scope; "
                 f"enlarge the cache or admit fewer requests"
             )
+        return values
 
-    def begin_step(self) -> None:
-        """Start an engine step: raise deferred errors (`check`), new scope, eviction ring recomputed."""
-        self.check()
+    def begin_step(self, extra: torch.Tensor | None = None) -> list[int]:
+        """Start an engine step: raise deferred errors (`check`, which also reads and returns `extra`), new scope,
+        eviction ring recomputed."""
+        values = self.check(extra)
         self._stamp.add_(1)
         self._sort_ring()
+        return values
+
+    def counter_tensor(self) -> torch.Tensor:
+        """int64 [4] on `device`: hits, misses, evictions, used slots (no sync; read it with `check(extra=...)`)."""
+        return torch.cat([self._counts[:3], (self._owner[1:] > 0).sum().view(1)])
 
     def begin_layer(self) -> None:
         """Start a new protection scope inside the step (slots of earlier scopes become takeable); on the device."""

@@ -186,24 +186,35 @@ def test_write_new_and_resolve_call_nothing_that_syncs():
 def test_cuda_write_new_and_resolve_do_not_sync():
     host = HostKVStore(LAYERS, BLOCKS, HKV, BS, D, torch.float16, pin=True)
     host.kv.normal_()
-    pool = torch.zeros((HKV * PPB + 1, PS, 2 * D), dtype=torch.float16, device="cuda")
+    # The 2 x Hkv pages write_new makes resident stay protected in the layer's scope while the 8 pages of blocks
+    # 3 and 4 are resolved: the cache must hold 2 x Hkv + 8 = 12 pages (with HKV * PPB = 8 slots, 4 pages got no
+    # slot: they read the trash page and the next begin_step raised CacheCapacityError).
+    pool = torch.zeros((2 * HKV * PPB + 1, PS, 2 * D), dtype=torch.float16, device="cuda")
     tier = OffloadTier(host=host, cache_pages=pool, page_size=PS, max_tokens=64)
     k = torch.randn(3, HKV, D, dtype=torch.float16, device="cuda")
     sm = torch.tensor([BS + 1, -1, 2 * BS], device="cuda")
     pages = tier.block_pages(torch.tensor([3, 4])).reshape(-1)[::2].contiguous()
     for layer in range(LAYERS):
         tier.begin_step()
-        tier.write_new(layer, k, k, sm)  # warm-up: plans FlashH2D, compiles
+        # Warm-up with the same shapes: plans FlashH2D, compiles every kernel variant used below.
+        tier.write_new(layer, k, k, sm)
+        tier.resolve(layer, pages)
+        tier.save_inline(layer, k, k, sm)
+        tier.begin_step()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
+            tier.begin_layer()
             tier.write_new(layer, k, k, sm)
             slots = tier.resolve(layer, pages)
             tier.save(layer, k, k, sm)
+            tier.save_inline(layer, k, k, sm)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        assert (slots >= 0).all(), slots
         want = host.pages(layer, PS)[pages.cpu()]
         torch.testing.assert_close(pool[slots.long()].cpu(), want, rtol=0, atol=0)
+    tier.begin_step()  # no deferred error
     tier.close()
 
 
