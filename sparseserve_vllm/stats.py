@@ -34,12 +34,16 @@ COUNTER_NAMES = (
     "bytes_h2d",             # offload: bytes loaded host -> HBM (cache misses and prefill context)
     "bytes_d2h",             # offload: bytes saved HBM -> host (FlashD2H)
     "parked_steps",          # offload: (request, step) pairs a running decode request was parked (working set)
+    "segment_token_layers",  # layer-segmented prefill: prompt tokens x layers run
+    "segment_steps",         # layer-segmented prefill: engine steps that ran prefill units
+    "segment_steps_with_decodes",  # layer-segmented prefill: of those, steps whose forward also ran decode requests
 )
 GAUGE_NAMES = (
     "hbm_pages_in_use",      # offload: HBM cache slots holding a page
     "host_blocks_in_use",    # offload: logical (host DRAM) KV blocks allocated to requests
     "working_set_bytes",     # offload: estimated HBM working set of the decode requests scheduled this step
     "batch_cap",             # offload: decode requests the HBM working set let run this step
+    "segment_peak_bytes",    # layer-segmented prefill: the most HBM one prompt's buffers held (hidden states + one layer's KV)
 )
 NAMES = COUNTER_NAMES + GAUGE_NAMES
 

@@ -37,7 +37,7 @@ def smollm2():
 def tiny_model():
     from sparseserve_vllm.models import tiny_model_dir
 
-    return lambda family="llama": str(tiny_model_dir(family))
+    return lambda family="llama", **kw: str(tiny_model_dir(family, **kw))
 
 
 @contextlib.contextmanager

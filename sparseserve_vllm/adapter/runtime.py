@@ -14,6 +14,8 @@ Contract:
   `{first block id: bytes}` of each decode request of the step, bytes = distinct (layer, page) of its own pages
   selected in the last `working_set_window` decode steps x page bytes (`page_size x 2 x head_dim x element size`);
   requests with nothing selected in the window are left out. Freed blocks' pages are forgotten (`free_blocks`).
+- Layer-segmented prefill (`adapter/segmented_prefill.py`) reads `model` (set when the model loads,
+  `patches/model_loader.py`) and `step_decodes` (the builder's count of the step's decode requests).
 - Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line
   summing every process of the engine (the scheduler's working-set cap included).
 """
@@ -54,6 +56,8 @@ class SparseRuntime:
         self.wrapper = None
         self._meta: dict[int, torch.Tensor] = {}
         self.ws_tracker = None  # offload: WorkingSetTracker, made with the tier
+        self.model = None  # layer-segmented prefill: the loaded model (patches/model_loader.py)
+        self.step_decodes = 0  # decode requests of the step being run (builder), read by layer-segmented prefill
         self._ws_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (first block ids [R], owned pages [R, P])
         self._ws_open = False  # a selection was recorded since the last end_step
         self.counters = stats.process_counters()

@@ -59,8 +59,9 @@ def test_offload_with_a_small_hbm_cache_equals_dense_and_frees_every_page(smollm
     from vllm.inputs import TokensPrompt
 
     before = stats.read_totals()
+    # max_num_batched_tokens 512: the 2K-token prompts are prefilled layer by layer (layer-segmented prefill).
     with engine(smollm2, "sparseserve", {**OFFLOAD, "token_budget": 4096, "hbm_cache_gib": 0.015},
-                max_model_len=4096) as llm:
+                max_model_len=4096, max_num_batched_tokens=512) as llm:
         got = greedy(llm, smol_prompts)
         time.sleep(1.2)
         done = stats.read_totals()
@@ -80,6 +81,7 @@ def test_offload_with_a_small_hbm_cache_equals_dense_and_frees_every_page(smollm
         after_abort = stats.read_totals()
     assert got == dense_tokens
     delta = {k: done[k] - before[k] for k in stats.COUNTER_NAMES}
+    assert delta["segment_token_layers"] == 30 * sum(len(p) - 1 for p in smol_prompts), delta
     assert delta["hbm_evictions"] >= delta["decode_steps"] > 0 and delta["hbm_misses"] > 0
     kv_bytes = sum(len(p) for p in smol_prompts) * KV_BYTES_PER_TOKEN
     assert delta["bytes_d2h"] >= kv_bytes and delta["bytes_h2d"] > 0
