@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 ENV_DIR = "SPARSESERVE_STATS_DIR"
@@ -59,6 +60,9 @@ class Counters:
 _PROCESS_COUNTERS: Counters | None = None
 
 
+_PUBLISH_LOCK = threading.Lock()
+
+
 def process_counters() -> Counters:
     """This process's one `Counters` (what `publish` writes to this process's file)."""
     global _PROCESS_COUNTERS
@@ -77,11 +81,15 @@ def ensure_stats_dir() -> Path:
 
 
 def publish(counters: Counters, directory: Path | None = None) -> Path:
+    """Write this process's file atomically; safe from several threads of one process (the scheduler's connector
+    and a worker's statistics thread share a process under vLLM's single-GPU executor): each writes its own
+    temporary file, and a lock orders the replacements."""
     directory = directory or ensure_stats_dir()
     target = directory / f"{os.getpid()}.json"
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(counters.values))
-    os.replace(tmp, target)
+    tmp = directory / f"{os.getpid()}.{threading.get_ident()}.tmp"
+    with _PUBLISH_LOCK:
+        tmp.write_text(json.dumps(counters.values))
+        os.replace(tmp, target)
     return target
 
 

@@ -70,6 +70,7 @@ class SparseServeConnector(KVConnectorBase_V1):
         self._segmented = segmented_prefill_on(vllm_config)
         self._segment_above = vllm_config.scheduler_config.max_num_batched_tokens
         self._new_jobs: list[SegmentJobSpec] = []
+        self.segmented_requests: set[str] = set()  # scheduler side: requests given to layer-segmented prefill
         self._segments: SegmentedPrefill | None = None
         if role == KVConnectorRole.WORKER:
             from sparseserve_vllm.adapter.runtime import get_runtime
@@ -97,12 +98,14 @@ class SparseServeConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if num_external_tokens:
+            self.segmented_requests.add(request.request_id)
             self._new_jobs.append(SegmentJobSpec(
                 req_id=request.request_id, token_ids=list(request.all_token_ids[:num_external_tokens]),
                 block_ids=list(blocks.get_block_ids()[0]),
             ))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
+        self.segmented_requests.discard(request.request_id)
         self.free_later(block_ids)
         return False, None
 

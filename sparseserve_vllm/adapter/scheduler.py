@@ -18,8 +18,9 @@ Contract:
       `decode_budget_pages` x page bytes for its context;
     * the other decode requests are parked for this step: hidden from `self.running` while vLLM schedules and put
       back afterwards at their places; they keep their blocks (KV stays in host DRAM) and are never recomputed;
-    * waiting requests are admitted as an FCFS prefix: a request that starts (or runs) a layer-segmented prefill
-      always (it holds no HBM cache pages, `adapter/segmented_prefill.py`); any other only while no request is
+    * waiting requests are admitted as an FCFS prefix: a request that starts, runs or has just finished a
+      layer-segmented prefill always (it holds no HBM cache pages, `adapter/segmented_prefill.py`; its last prompt
+      token then needs one page per layer and KV head, and from then on it is a decode request like the others); any other only while no request is
       parked and its first chunk's exact prefill need fits in what is left (the first one always when nothing
       runs). vLLM sees only that prefix (the other waiting requests are hidden from its queues for the step) and
       `max_num_running_reqs` is lowered to what it admits.
@@ -44,7 +45,6 @@ from sparseserve_vllm.adapter.logging import logger as plugin_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import RequestStatus
 
 from sparseserve_vllm.adapter.config_access import sparseserve_config
 from sparseserve_vllm.core.admission import AdmissionDecision, WorkingSetController
@@ -197,10 +197,9 @@ class WorkingSetScheduler(Scheduler):
         return plan_step(running, waiting, capacity, self._controller)
 
     def _segmenting(self, req) -> bool:
-        """Does this waiting request start, or still run, a layer-segmented prefill (which holds no HBM cache)."""
-        if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
-            return req.request_id not in self.finished_recving_kv_req_ids
-        return self.connector.segment_tokens(req) > 0
+        """Is this waiting request one that layer-segmented prefill takes or took (it holds no HBM cache pages until
+        it runs; once its prefill ended, its last prompt token writes one page per layer and KV head)."""
+        return req.request_id in self.connector.segmented_requests or self.connector.segment_tokens(req) > 0
 
     # ---------------- reports from the workers ----------------
     def _absorb_reports(self) -> None:
