@@ -57,6 +57,25 @@ def test_same_tokens_as_plain_prefill_with_decodes_in_the_same_steps(tiny_model,
     assert one_layer_kv * LAYERS > after["segment_peak_bytes"]
 
 
+def check_page_metadata(full_pages: int) -> None:
+    """The engine runs in this process: every page metadata row the prefill wrote equals the metadata of that page's
+    KV in host DRAM, and it wrote one row per full page of the prompt, KV head and layer."""
+    import torch
+
+    import sparseserve_vllm.adapter.runtime as runtime
+    from sparseserve_vllm.kernels import build_page_metadata
+
+    rt = runtime._RUNTIME
+    rt.tier.saver.wait_all()
+    for layer in range(LAYERS):
+        meta = rt.page_meta(layer, rt.tier.cache_pages)
+        written = (meta.abs().flatten(1).sum(1) > 0).nonzero().flatten()
+        assert written.numel() == full_pages * KV_HEADS, (layer, written.numel())
+        expect = torch.zeros_like(meta)
+        build_page_metadata(rt.tier.host.pages(layer, SS["page_size"]), expect, written, selector=rt.cfg.selector)
+        torch.testing.assert_close(meta[written], expect[written])
+
+
 def test_the_prompt_kv_bypasses_the_hbm_cache_and_an_aborted_prefill_frees_its_blocks(tiny_model, monkeypatch):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -73,6 +92,7 @@ def test_the_prompt_kv_bypasses_the_hbm_cache_and_an_aborted_prefill_frees_its_b
         # (chunked prefill makes every page of the prompt resident in every layer).
         assert one["segment_token_layers"] == LAYERS * (len(long_prompt) - 1)
         assert one["hbm_misses"] + one["hbm_hits"] <= LAYERS * KV_HEADS, one
+        check_page_metadata(full_pages=(len(long_prompt) - 1) // SS["page_size"])
 
         eng = llm.llm_engine
         eng.add_request("aborted", TokensPrompt(prompt_token_ids=long_prompt),
