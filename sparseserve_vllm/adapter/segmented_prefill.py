@@ -143,7 +143,6 @@ class SegmentedPrefill:
         self.vllm_config = vllm_config
         self.jobs: dict[str, SegmentJob] = {}
         self._view: _ModelView | None = None
-        self._per_step: int | None = None
         self._device: torch.device | None = None
 
     def _model(self) -> _ModelView:
@@ -153,8 +152,6 @@ class SegmentedPrefill:
                                    "not see it load)")
             self._view = _ModelView(self.rt.model)
             self._device = next(self.rt.model.parameters()).device
-            layers = len(self._view.layers)
-            self._per_step = self.rt.cfg.max_inject_tokens or self.rt.max_num_batched_tokens * layers
         return self._view
 
     def add(self, specs: list[SegmentJobSpec]) -> None:
@@ -176,7 +173,7 @@ class SegmentedPrefill:
             return done
         view = self._model()
         jobs = list(self.jobs.values())
-        plan = plan_step([j.progress for j in jobs], self._per_step)
+        plan = plan_step([j.progress for j in jobs], self.rt.segment_per_step)
         counters = self.rt.counters.values
         with torch.inference_mode():
             for i, layer, start, end in plan:

@@ -20,7 +20,10 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
     `resolve(layer, flat_pages)`    selected pages -> cache slots, missing ones loaded by one FlashH2D launch;
     `gather_context(...)`           a request's whole context of one layer into a scratch buffer (dense prefill);
     `save(layer, k, v, slots)`      FlashD2H: the new tokens to host DRAM, last, so that the loads above wait
-                                    only for earlier layers' saves.
+                                    only for earlier layers' saves. `staging_tokens` sizes the saver's ring
+                                    (default 2 x `max_tokens`); a save larger than the ring makes the compute
+                                    stream wait for PCIe, so callers that save more tokens at once (layer-segmented
+                                    prefill) ask for two of their saves.
   `begin_layer`, `write_new`, `resident_slots`, `resolve` and `save` do not synchronize with the host (except the
   step check in `begin_layer` at a new step): fixed-size tensors throughout, FlashH2D planned once per layer and
   launched every time (-1 padded ids). `gather_context` synchronizes (prefill only).
@@ -53,6 +56,7 @@ class OffloadTier:
         cache_pages: torch.Tensor,
         page_size: int,
         max_tokens: int,
+        staging_tokens: int | None = None,
         h2d_sms: int | None = None,
         d2h_threads: int = 4,
         eviction_window: int | None = None,
@@ -70,7 +74,8 @@ class OffloadTier:
         self.trash_slot = cache_pages.shape[0] - 1
         self.cache = PageCache(host.num_layers, self.pages_per_layer, self.trash_slot, device=self.device,
                                window=eviction_window)
-        self.saver = FlashD2HSaver(host, max_tokens=max_tokens, num_threads=d2h_threads, device=self.device)
+        self.saver = FlashD2HSaver(host, max_tokens=max_tokens, num_threads=d2h_threads, device=self.device,
+                                   staging_tokens=staging_tokens)
         self.h2d_sms = h2d_sms
         self._h2d: list[FlashH2D | None] = [None] * host.num_layers  # planned on a layer's first load
         self.page_bytes = cache_pages[0].numel() * cache_pages.element_size()

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from sparseserve_vllm import stats
-from tests.conftest import engine, greedy
+from tests.conftest import abort_and_drain, engine, greedy
 
 pytestmark = pytest.mark.engine
 
@@ -102,10 +102,5 @@ def test_the_prompt_kv_bypasses_the_hbm_cache_and_an_aborted_prefill_frees_its_b
         time.sleep(1.2)
         mid = stats.read_totals()
         assert mid["host_blocks_in_use"] > 0 and mid["segment_steps"] > before["segment_steps"] + one["segment_steps"]
-        eng.abort_request(["aborted"])
-        while eng.has_unfinished_requests():
-            eng.step()
-        eng.step()  # the step that tells the workers which requests ended
-        time.sleep(1.2)
-        after = stats.read_totals()
+        after = abort_and_drain(eng, "aborted")
     assert after["host_blocks_in_use"] == 0 and after["hbm_pages_in_use"] == 0, after
