@@ -10,6 +10,8 @@ benchmarks/results/README.md) and writes, for the given date:
   flash-d2h-h200-<date>.png             FlashD2H GB/s per token count, with the baselines; interference
   e2e-smoke-h200-<date>.png             vLLM end-to-end smoke: decode ms/step and prefill s per engine
   page-cache-h200-<date>.png            PageCache.resolve throughput vs an OrderedDict LRU
+  offload-h200-<date>.png               offload decode step and batch control on/off
+  segmented-prefill-h200-<date>.png     layer-segmented prefill: prompt alone (128K, 32K) and TTFT under load
 A plot whose input file is missing is skipped with a message. Only matplotlib and the standard library are used.
 """
 
@@ -443,6 +445,40 @@ def plot_offload(results: Path, tag: str, title_suffix: str) -> None:
     save(fig, results / f"offload-{tag}.png")
 
 
+def plot_segmented(results: Path, tag: str, title_suffix: str) -> None:
+    pre = load(results, f"segmented-prefill-{tag}.json")
+    ld = load(results, f"segmented-load-{tag}.json")
+    if pre is None or ld is None:
+        return
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.2))
+    names = ["plain", "chunked", "segmented", "offload-chunked"]
+    colors = ["tab:green", "tab:gray", "tab:blue", "tab:orange"]
+    labels = ["KV in HBM,\none step", "KV in HBM,\nchunks", "offload,\nlayer-segmented", "offload,\nchunks"]
+    for ax, key, length in ((ax1, "long_s", pre["long_len"]), (ax2, "mid_s", pre["mid_len"])):
+        vals = [pre["runs"][n][key] for n in names]
+        bars = ax.bar(range(4), vals, color=colors)
+        label_bars(ax, bars, "{:.2f} s", 8)
+        ax.set_xticks(range(4))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("time to first token, prompt alone (s)")
+        ratio = pre[f"segmented_vs_plain_{key}"]
+        ax.set_title(f"{length // 1024}K-token prompt: segmented / plain = {ratio}x (chunk {pre['chunk']})", fontsize=9)
+    runs = ld["runs"]
+    vals = [runs["segmented"]["mean_ttft_s"], runs["offload-chunked"]["mean_ttft_s"]]
+    bars = ax3.bar(range(2), vals, color=["tab:blue", "tab:orange"])
+    label_bars(ax3, bars, "{:.1f} s", 9)
+    ax3.set_xticks(range(2))
+    ax3.set_xticklabels(["layer-segmented", "chunked"], fontsize=8)
+    ax3.set_ylabel("mean time to first token of the late prompts (s)")
+    ax3.set_title(f"{ld['late']} x {ld['late_len'] // 1024}K prompts arriving while {ld['decodes']} x "
+                  f"{ld['decode_len'] // 1024}K decode, offload, {ld['cache_gib']} GiB cache: "
+                  f"{ld['ttft_reduction']}x lower", fontsize=8)
+    peak = pre["runs"]["segmented"]["segment_peak_bytes"] / 2**30
+    fig.suptitle(f"Layer-segmented prefill, Llama-3.1-8B shape (peak prefill buffers {peak:.2f} GiB = hidden states "
+                 f"+ one layer's KV of the 128K prompt): {title_suffix}", fontsize=10)
+    save(fig, results / f"segmented-prefill-{tag}.png")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
@@ -457,6 +493,7 @@ def main() -> None:
     plot_d2h(results, f"uva-{tag}", suffix)
     plot_e2e(results, tag, suffix, name="e2e-smoke-graphs")
     plot_offload(results, tag, suffix)
+    plot_segmented(results, tag, suffix)
 
 
 if __name__ == "__main__":

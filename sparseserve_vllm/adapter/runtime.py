@@ -22,6 +22,8 @@ Contract:
 - `page_meta(layer, kv_cache)`: the layer's page metadata `[num_pages (+ 1 with offload), M, D]`; with offload the
   extra LAST row is a trash row: page summaries of decode-only steps come in a -1 padded buffer, and
   `meta[slots] = ...` writes the padding there.
+- Layer-segmented prefill (`adapter/segmented_prefill.py`) reads `model` (set when the model loads,
+  `patches/model_loader.py`) and `step_decodes` (the builder's count of the step's decode requests).
 - Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line
   summing every process of the engine (the scheduler's working-set cap included). The publishing thread reads
   host copies only (the tier's `last_stats`, read in host syncs the main thread makes anyway: `begin_step`, the
@@ -37,7 +39,7 @@ import time
 import torch
 
 from sparseserve_vllm import stats
-from sparseserve_vllm.adapter.config_access import sparseserve_config
+from sparseserve_vllm.adapter.config_access import segmented_prefill_on, sparseserve_config
 from sparseserve_vllm.adapter.logging import logger as plugin_logger
 from sparseserve_vllm.config import SparseServeConfig
 from sparseserve_vllm.kernels.pages import num_meta_vectors
@@ -58,6 +60,14 @@ class SparseRuntime:
     def __init__(self, cfg: SparseServeConfig, vllm_config) -> None:
         self.cfg = cfg
         self.max_num_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        # Layer-segmented prefill: its work per step (token x layer units) and so the most tokens of one layer it
+        # saves at once (at most a whole prompt); FlashD2H's ring holds two such saves, so a layer's save never
+        # waits for the previous one.
+        self.segment_per_step = self.segment_unit_tokens = 0
+        if segmented_prefill_on(vllm_config):
+            layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+            self.segment_per_step = cfg.max_inject_tokens or self.max_num_batched_tokens * layers
+            self.segment_unit_tokens = min(self.segment_per_step, vllm_config.model_config.max_model_len)
         self.num_logical_blocks: int | None = None  # offload: the scheduler's block count (host tier)
         self.tier = None
         self.block_size: int | None = None
@@ -65,6 +75,8 @@ class SparseRuntime:
         self.wrapper = None
         self._meta: dict[int, torch.Tensor] = {}
         self.ws_tracker = None  # offload: WorkingSetTracker, made with the tier
+        self.model = None  # layer-segmented prefill: the loaded model (patches/model_loader.py)
+        self.step_decodes = 0  # decode requests of the step being run (builder), read by layer-segmented prefill
         self._ws_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (first block ids [R], owned pages [R, P])
         self._ws_open = False  # a step with selections was noted since the last end_step
         self.counters = stats.process_counters()
@@ -171,7 +183,8 @@ class SparseRuntime:
                         host.nbytes / 2**30, "pinned" if host.pin else "plain", self.num_logical_blocks,
                         kv_cache.numel() // (self.cfg.page_size * kv_cache.shape[-1]))
             self.tier = OffloadTier(host=host, cache_pages=kv_cache.view(-1, self.cfg.page_size, kv_cache.shape[-1]),
-                                    page_size=self.cfg.page_size, max_tokens=self.max_num_batched_tokens)
+                                    page_size=self.cfg.page_size, max_tokens=self.max_num_batched_tokens,
+                                    staging_tokens=2 * max(self.max_num_batched_tokens, self.segment_unit_tokens))
             from sparseserve_vllm.core.working_set import WorkingSetTracker, page_bytes
 
             self.ws_tracker = WorkingSetTracker(

@@ -18,9 +18,12 @@ Contract:
       `decode_budget_pages` x page bytes for its context;
     * the other decode requests are parked for this step: hidden from `self.running` while vLLM schedules and put
       back afterwards at their places; they keep their blocks (KV stays in host DRAM) and are never recomputed;
-    * while any request is parked no waiting request is admitted; otherwise vLLM may admit the FCFS prefix of the
-      waiting requests whose first chunks' exact prefill need fits in what is left (the first one always when
-      nothing runs), through `max_num_running_reqs` for that step.
+    * waiting requests are admitted as an FCFS prefix: a request that starts, runs or has just finished a
+      layer-segmented prefill always (it holds no HBM cache pages, `adapter/segmented_prefill.py`; its last prompt
+      token then needs one page per layer and KV head, and from then on it is a decode request like the others); any other only while no request is
+      parked and its first chunk's exact prefill need fits in what is left (the first one always when nothing
+      runs). vLLM sees only that prefix (the other waiting requests are hidden from its queues for the step) and
+      `max_num_running_reqs` is lowered to what it admits.
   Every request completes: the head of the running queue always runs, and the others move up as it finishes.
 - Working sets arrive from the workers through the connector (`SparseServeWorkerMetadata`: the step number and
   `{first block id: bytes}`); the step number maps each first block id back to the request it belonged to in that
@@ -43,7 +46,6 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from sparseserve_vllm import stats
 from sparseserve_vllm.adapter.config_access import sparseserve_config
 from sparseserve_vllm.core.admission import AdmissionDecision, WorkingSetController
 from sparseserve_vllm.core.working_set import decode_budget_pages, page_bytes, prefill_pages
@@ -79,25 +81,26 @@ class StepPlan:
 
 def plan_step(
     running: Sequence[Candidate],
-    waiting_bytes: Sequence[int],
+    waiting_bytes: Sequence[int | None],
     capacity_bytes: int,
     controller: WorkingSetController,
 ) -> StepPlan:
     """One step's working-set decision (see the module docstring); `running` in arrival order, `waiting_bytes` the
-    exact prefill need of each waiting request's first chunk, in the order vLLM would admit them."""
+    exact prefill need of each waiting request's first chunk, in the order vLLM would admit them (None: a request
+    whose layer-segmented prefill needs no HBM cache, admitted whatever the cache holds)."""
     if capacity_bytes < 0:
         raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
     prefill = sum(c.nbytes for c in running if c.prefill)
     decision = controller.admit([(c.request_id, c.nbytes) for c in running if not c.prefill],
                                 max(capacity_bytes - prefill, 0))
     admit = 0
-    if not decision.rejected:
-        free = capacity_bytes - prefill - decision.used_bytes
-        for need in waiting_bytes:
-            if (running or admit) and need > free:
+    free = capacity_bytes - prefill - decision.used_bytes
+    for need in waiting_bytes:
+        if need is not None:
+            if decision.rejected or ((running or admit) and need > free):
                 break
             free -= need
-            admit += 1
+        admit += 1
     return StepPlan(decision=decision, prefill_bytes=prefill, admit_waiting=admit)
 
 
@@ -177,17 +180,26 @@ class WorkingSetScheduler(Scheduler):
                 budget -= min(budget, new_tokens)
                 ws = self._ws_bytes.get(req.request_id) or self._budget_bytes(req.num_computed_tokens + 1)
                 running.append(Candidate(req.request_id, ws, False))
-        waiting: list[int] = []
+        waiting: list[int | None] = []
         slots = self.max_num_running_reqs - len(self.running) - self.num_waiting_for_streaming_input
         for req in self._waiting_in_order():
+            if self._segmenting(req):
+                waiting.append(None)
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget, threshold if threshold > 0 else budget)
-            if n <= 0 or len(waiting) >= slots:
+            if n <= 0 or slots <= 0:
                 break
             budget -= n
+            slots -= 1
             waiting.append(self._prefill_bytes(req.num_computed_tokens, n))
         # batch_control false: every running decode request fits (vLLM's own admission; the cache may thrash).
         capacity = self._capacity if self._cfg.batch_control else 2**62
         return plan_step(running, waiting, capacity, self._controller)
+
+    def _segmenting(self, req) -> bool:
+        """Is this waiting request one that layer-segmented prefill takes or took (it holds no HBM cache pages until
+        it runs; once its prefill ended, its last prompt token writes one page per layer and KV head)."""
+        return req.request_id in self.connector.segmented_requests or self.connector.segment_tokens(req) > 0
 
     # ---------------- reports from the workers ----------------
     def _absorb_reports(self) -> None:
@@ -229,11 +241,22 @@ class WorkingSetScheduler(Scheduler):
         saved_max = self.max_num_running_reqs
         if parked:
             self.running = [r for r in original if r.request_id not in parked]
+        # Waiting requests past the admitted prefix are hidden from vLLM for this step (a layer-segmented prefill
+        # takes no running slot, so a count alone would let vLLM admit past it).
+        held = self._waiting_in_order()[plan.admit_waiting:]
+        skipped = {id(r) for r in self.skipped_waiting}
+        held_queues = [(self.skipped_waiting, [r for r in held if id(r) in skipped]),
+                       (self.waiting, [r for r in held if id(r) not in skipped])]
+        for queue, requests in held_queues:
+            queue.remove_requests(requests)
         room = len(self.running) + self.num_waiting_for_streaming_input + plan.admit_waiting  # as vLLM counts
         self.max_num_running_reqs = min(saved_max, room)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
+            for queue, requests in held_queues:
+                for request in requests:
+                    queue.add_request(request)
             self.max_num_running_reqs = saved_max
             if parked:
                 # Parked requests go back to their places; vLLM's preemptions (gone) and admissions (appended) stay.
@@ -247,10 +270,11 @@ class WorkingSetScheduler(Scheduler):
 
     def update_from_output(self, *args, **kwargs):
         outputs = super().update_from_output(*args, **kwargs)
-        if self._ws_on and not self.running and self._counters.values["batch_cap"]:
-            # Idle: no step will publish again until the next request; the gauges describe no batch now.
+        if self._ws_on and not self.running:
+            # Idle: no step will publish again until the next request; the gauges describe no batch now, and the
+            # blocks of requests that ended in this output (a finished layer-segmented prefill's) are free.
             self._counters.values["batch_cap"] = self._counters.values["working_set_bytes"] = 0
-            stats.publish(self._counters)
+            self.connector.publish_usage()
         return outputs
 
     def _preempt_request(self, request, timestamp: float) -> None:

@@ -25,11 +25,14 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
     `save(layer, k, v, slots)`      FlashD2H through the saver's ring and side stream (prefill and mixed steps), or
     `save_inline(layer, k, v, slots)` on the current stream (decode-only steps, CUDA-graph capturable): the new
                                     tokens to host DRAM, last, so that the loads above wait only for earlier saves.
+                                    `staging_tokens` sizes the saver's ring (default 2 x `max_tokens`); a save
+                                    larger than the ring makes the compute stream wait for PCIe, so callers that save
+                                    more tokens at once (layer-segmented prefill) ask for two of their saves.
   `begin_layer`, `write_new`, `resident_slots`, `resolve` and `save_inline` perform no host synchronization, read no
   Python state that changes between steps and allocate only fixed-size temporaries (for fixed argument shapes):
   FlashH2D is planned once per layer and launched every time (-1 padded ids), and their flushes enqueue nothing
   after `begin_step` unless a ring `save` came in between. So a decode-only step is CUDA-graph capturable.
-  `gather_context` synchronizes (prefill only).
+  `save` does not synchronize either; `gather_context` does (prefill only).
 - Pages that got no slot because the cache could not hold them (or ids out of range) do not raise at once: their
   tokens go to the trash page, `resolve` returns -1 for them, and the error (`CacheCapacityError` or
   `ValueError`) is raised by the next `begin_step()` (or by `check()`).
@@ -63,6 +66,7 @@ class OffloadTier:
         cache_pages: torch.Tensor,
         page_size: int,
         max_tokens: int,
+        staging_tokens: int | None = None,
         h2d_sms: int | None = None,
         d2h_threads: int = 4,
         eviction_window: int | None = None,
@@ -80,7 +84,8 @@ class OffloadTier:
         self.trash_slot = cache_pages.shape[0] - 1
         self.cache = PageCache(host.num_layers, self.pages_per_layer, self.trash_slot, device=self.device,
                                window=eviction_window)
-        self.saver = FlashD2HSaver(host, max_tokens=max_tokens, num_threads=d2h_threads, device=self.device)
+        self.saver = FlashD2HSaver(host, max_tokens=max_tokens, num_threads=d2h_threads, device=self.device,
+                                   staging_tokens=staging_tokens)
         self.h2d_sms = h2d_sms
         self._h2d: list[FlashH2D | None] = [None] * host.num_layers  # planned on a layer's first load
         self.page_bytes = cache_pages[0].numel() * cache_pages.element_size()

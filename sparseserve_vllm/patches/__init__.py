@@ -20,6 +20,12 @@ Ledger (target / why / how / remove when):
         per-layer tensors with one `hbm_cache_gib` tensor shared by all layers (the page pool).
    Remove when: vLLM lets a KV connector or backend declare a logical block space larger than HBM.
 
+3. `vllm.model_executor.model_loader.base_loader.BaseModelLoader.load_model` -- `model_loader.py`
+   Why: layer-segmented prefill calls the model's decoder layers one by one from the KV connector, and no vLLM
+        hook hands a connector or an attention backend the loaded model.
+   How: wraps the method; when layer-segmented prefill is on, stores the engine's model in the worker's runtime.
+   Remove when: vLLM gives KV connectors (or plugins) the model, or runs layer-segmented prefill itself.
+
 `apply_all()` is idempotent; each patch keeps a reference to the original callable.
 """
 
@@ -32,8 +38,9 @@ def apply_all() -> None:
     global _applied
     if _applied:
         return
-    from sparseserve_vllm.patches import engine_args, kv_cache_configs
+    from sparseserve_vllm.patches import engine_args, kv_cache_configs, model_loader
 
     engine_args.apply()
     kv_cache_configs.apply()
+    model_loader.apply()
     _applied = True

@@ -10,7 +10,7 @@ import pytest
 
 from sparseserve_vllm import stats
 from sparseserve_vllm.prompts import long_prompt
-from tests.conftest import engine, greedy
+from tests.conftest import abort_and_drain, engine, greedy
 
 pytestmark = pytest.mark.engine
 
@@ -59,8 +59,9 @@ def test_offload_with_a_small_hbm_cache_equals_dense_and_frees_every_page(smollm
     from vllm.inputs import TokensPrompt
 
     before = stats.read_totals()
+    # max_num_batched_tokens 512: the 2K-token prompts are prefilled layer by layer (layer-segmented prefill).
     with engine(smollm2, "sparseserve", {**OFFLOAD, "token_budget": 4096, "hbm_cache_gib": 0.015},
-                max_model_len=4096) as llm:
+                max_model_len=4096, max_num_batched_tokens=512) as llm:
         got = greedy(llm, smol_prompts)
         time.sleep(1.2)
         done = stats.read_totals()
@@ -68,18 +69,16 @@ def test_offload_with_a_small_hbm_cache_equals_dense_and_frees_every_page(smollm
         eng = llm.llm_engine
         eng.add_request("aborted", TokensPrompt(prompt_token_ids=smol_prompts[0]),
                         SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
-        for _ in range(4):
-            eng.step()
+        for _ in range(1000):  # until it decodes (its prefill runs layer-segmented over several steps)
+            if any(o.request_id == "aborted" and o.outputs[0].token_ids for o in eng.step()):
+                break
+        eng.step()
         time.sleep(1.2)
         mid = stats.read_totals()
-        eng.abort_request(["aborted"])
-        while eng.has_unfinished_requests():
-            eng.step()
-        eng.step()  # the step that tells the workers which requests ended
-        time.sleep(1.2)
-        after_abort = stats.read_totals()
+        after_abort = abort_and_drain(eng, "aborted")
     assert got == dense_tokens
     delta = {k: done[k] - before[k] for k in stats.COUNTER_NAMES}
+    assert delta["segment_token_layers"] == 30 * sum(len(p) - 1 for p in smol_prompts), delta
     assert delta["hbm_evictions"] >= delta["decode_steps"] > 0 and delta["hbm_misses"] > 0
     kv_bytes = sum(len(p) for p in smol_prompts) * KV_BYTES_PER_TOKEN
     assert delta["bytes_d2h"] >= kv_bytes and delta["bytes_h2d"] > 0

@@ -55,7 +55,7 @@ def test_engine_config_selects_the_backend_by_name(tiny_model):
         ({"selector": "best"}, "selector.*cuboid_mean, quest, mean"),
         ({"page_size": 256}, r"page_size \(256\) must divide vLLM's KV block size \(128\)"),
         ({"dense_layers": 3}, r"dense_layers \(3\).*0..2"),
-        ({"max_inject_tokens": 4096}, "max_inject_tokens sizes layer-segmented prefill.*not implement"),
+        ({"max_inject_tokens": 4096}, "max_inject_tokens sizes layer-segmented prefill.*offload=true"),
     ],
 )
 def test_bad_settings_stop_startup_in_the_users_process(tiny_model, section, match):
@@ -70,6 +70,19 @@ def test_a_context_beyond_the_selectable_pages_is_refused(tiny_model, monkeypatc
                                                      r"allowed: max_model_len <= 131072"):
         config_for(tiny_model(), additional_config={"sparseserve": {"page_size": 8, "token_budget": 256}},
                    max_model_len=131080)
+
+
+def test_layer_segmented_prefill_is_refused_for_an_architecture_it_does_not_run(tiny_model):
+    section = {"offload": True, "host_kv_gib": 0.1, "hbm_cache_gib": 0.01, "layer_segmented_prefill": True}
+    with pytest.raises(SparseServeConfigError, match="layer_segmented_prefill supports the architectures "
+                                                     "LlamaForCausalLM, Qwen2ForCausalLM; this model is GemmaForCausalLM"):
+        config_for(tiny_model("gemma"), additional_config={"sparseserve": section})
+    # null (the default) turns it off for such a model, and on for a Llama.
+    from sparseserve_vllm.adapter.config_access import segmented_prefill_on
+
+    del section["layer_segmented_prefill"]
+    assert not segmented_prefill_on(config_for(tiny_model("gemma"), additional_config={"sparseserve": section}))
+    assert segmented_prefill_on(config_for(tiny_model("llama"), additional_config={"sparseserve": section}))
 
 
 def test_settings_without_the_backend_are_refused(tiny_model):

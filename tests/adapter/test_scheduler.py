@@ -64,6 +64,17 @@ def test_waiting_requests_are_admitted_while_their_prefill_fits():
     assert plan_step([], [40, 50, 20], 100, WorkingSetController()).admit_waiting == 2
 
 
+def test_layer_segmented_prefills_are_admitted_even_while_decodes_are_parked():
+    """None marks a waiting request whose layer-segmented prefill holds no HBM cache pages: it is admitted when the
+    cache is full and requests are parked, but the FCFS prefix still stops at the first request that does not fit."""
+    running = [dec("a", 60), dec("b", 60)]
+    plan = plan_step(running, [None, None, 5, None], 100, WorkingSetController())
+    assert plan.parked == ("b",)
+    assert plan.admit_waiting == 2  # the two segmented prefills; the 5-byte chunk waits (a request is parked)
+    plan = plan_step([dec("a", 60)], [None, 30, None, 20], 100, WorkingSetController())
+    assert plan.admit_waiting == 3  # 30 fits in 40, the next 20 does not fit in the 10 left
+
+
 def test_no_request_starves():
     """Requests that finish after a few steps: every one runs eventually, in FCFS order of first run."""
     controller = WorkingSetController()
