@@ -12,6 +12,8 @@
 #                  back (it reads the tier's device counters, `tier.stats()`, every 10 ms): the root-cause check of
 #                  the engine-start failure (expected: A starts and generates; B fails in the CUDA-graph capture with
 #                  a stream-capture error if the statistics thread's GPU syncs were the cause);
+#   offload_step.* bench_offload_step.py (the eager offload decode step outside vLLM, 16 x 8K, 32 layers, 2 GiB
+#                  cache), to compare with main's recorded benchmarks/results/offload-step-h200-2026-11-29-after.json;
 #   engine_C.log   the same engine as A with enforce_eager, for token equality with A (if time is left);
 #   summary.txt    what is printed: results, every Python traceback of every log in full, the logs' tails.
 set -u
@@ -118,8 +120,17 @@ if [ "$(elapsed)" -lt 370 ]; then
 else
   echo "[diag] engine B skipped: no time left  [t=$(elapsed)s]" > "$OUT/engine_B.log"
 fi
+# The eager per-step cost (cause 3): the offload decode step outside vLLM, same arguments as main's recorded run
+# benchmarks/results/offload-step-h200-2026-11-29-after.json (batch 16 x 8K, 32 layers, 2 GiB cache: 245 ms/step).
+if [ "$(elapsed)" -lt 400 ]; then
+  timeout -k 10 $(( 480 - $(elapsed) )) $PY benchmarks/bench_offload_step.py --batch 16 --context 8192 \
+    --cache-gib 2 --steps 8 --out "$OUT/offload_step.json" > "$OUT/offload_step.log" 2>&1
+  echo "[diag] bench_offload_step exit code: $? (124 = timed out)  [t=$(elapsed)s]" >> "$OUT/offload_step.log"
+else
+  echo "[diag] bench_offload_step skipped: no time left  [t=$(elapsed)s]" > "$OUT/offload_step.log"
+fi
 if [ "$(elapsed)" -lt 420 ]; then
-  timeout -k 10 $(( 510 - $(elapsed) )) $PY "$OUT/engine_run.py" C > "$OUT/engine_C.log" 2>&1
+  timeout -k 10 $(( 505 - $(elapsed) )) $PY "$OUT/engine_run.py" C > "$OUT/engine_C.log" 2>&1
   echo "[diag] engine C exit code: $? (124 = timed out)  [t=$(elapsed)s]" >> "$OUT/engine_C.log"
 else
   echo "[diag] engine C skipped: no time left  [t=$(elapsed)s]" > "$OUT/engine_C.log"
@@ -213,6 +224,11 @@ for name in ("engine_A.log", "engine_B.log", "engine_C.log"):
     print("".join(hits[-40:]))
     section(f"{name}: tail (last 120 lines)")
     print("".join(lines[-120:]))
+bench = read("offload_step.log")
+section("offload_step.log (bench_offload_step: main recorded 245 ms/step, GPU 101 ms, 6461 launches, 35 syncs)")
+for b in tracebacks(bench):
+    print(b)
+print("".join(l for l in bench if l.startswith(("{", "[diag")) or "Self CPU time total" in l or "Self CUDA time total" in l))
 toks = {}
 for v in "ABC":
     p = os.path.join(out, f"tokens_{v}.json")

@@ -68,7 +68,7 @@ def check_page_metadata(full_pages: int) -> None:
     rt = runtime._RUNTIME
     rt.tier.saver.wait_all()
     for layer in range(LAYERS):
-        meta = rt.page_meta(layer, rt.tier.cache_pages)
+        meta = rt.page_meta(layer, rt.tier.cache_pages)[:-1]  # offload: the last row is the trash row
         written = (meta.abs().flatten(1).sum(1) > 0).nonzero().flatten()
         assert written.numel() == full_pages * KV_HEADS, (layer, written.numel())
         expect = torch.zeros_like(meta)
