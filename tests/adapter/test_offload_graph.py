@@ -35,7 +35,9 @@ def make_runtime(monkeypatch):
                             host_kv_gib=1, hbm_cache_gib=1, stats_interval_s=0)
     with monkeypatch.context() as mp:  # no statistics thread: it would read the tier while the guard is on
         mp.setattr(runtime_module.threading, "Thread", lambda **kw: SimpleNamespace(start=lambda: None))
-        rt = runtime_module.SparseRuntime(cfg, SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=64)))
+        rt = runtime_module.SparseRuntime(
+            cfg, SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=64),
+                                 attention_config=SimpleNamespace(backend=None)))  # not selected: no segmented prefill
     rt.bind_geometry(block_size=BS, num_kv_heads=HKV, head_size=D, num_layers=LAYERS)
     rt.set_logical_blocks(BLOCKS)
     rt.wrapper = SparseDecodeWrapper(HQ, HKV, D, PS, PPB, token_budget=cfg.token_budget, sink_pages=1,
