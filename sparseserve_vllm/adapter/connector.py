@@ -86,8 +86,14 @@ class SparseServeConnector(KVConnectorBase_V1):
         self._block_pool = gpu_block_pool
 
     def segment_tokens(self, request, num_computed_tokens: int = 0) -> int:
-        """Tokens of a new request that layer-segmented prefill computes (all but the last), or 0."""
+        """Tokens of a new request that layer-segmented prefill computes (all but the last), or 0. Requests that need
+        more than token ids through the layers are left to chunked prefill: prompt log-probabilities (the skipped
+        tokens would have no logits), prompt embeddings, multimodal inputs and pooling."""
         if not self._segmented or request.num_computed_tokens or num_computed_tokens:
+            return 0
+        sp = request.sampling_params
+        if (sp is None or sp.prompt_logprobs is not None or request.prompt_embeds is not None or request.mm_features
+                or request.pooling_params is not None):
             return 0
         n = request.num_tokens - 1
         return n if n > self._segment_above else 0

@@ -93,6 +93,12 @@ def test_the_prompt_kv_bypasses_the_hbm_cache_and_an_aborted_prefill_frees_its_b
         assert one["segment_token_layers"] == LAYERS * (len(long_prompt) - 1)
         assert one["hbm_misses"] + one["hbm_hits"] <= LAYERS * KV_HEADS, one
         check_page_metadata(full_pages=(len(long_prompt) - 1) // SS["page_size"])
+        # A request for prompt log-probabilities needs logits of every prompt token: vLLM's chunked prefill runs it.
+        out = llm.generate([TokensPrompt(prompt_token_ids=long_prompt)],
+                           SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+        assert len(out.prompt_logprobs) == len(long_prompt) and out.prompt_logprobs[-1]
+        time.sleep(1.2)
+        assert stats.read_totals()["segment_token_layers"] - before["segment_token_layers"] == one["segment_token_layers"]
 
         eng = llm.llm_engine
         eng.add_request("aborted", TokensPrompt(prompt_token_ids=long_prompt),
