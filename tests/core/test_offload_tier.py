@@ -194,11 +194,13 @@ def test_cuda_write_new_and_resolve_do_not_sync():
     k = torch.randn(3, HKV, D, dtype=torch.float16, device="cuda")
     sm = torch.tensor([BS + 1, -1, 2 * BS], device="cuda")
     pages = tier.block_pages(torch.tensor([3, 4])).reshape(-1)[::2].contiguous()
+    other = tier.block_pages(torch.tensor([5, 0])).reshape(-1)[::2].contiguous()
     for layer in range(LAYERS):
         tier.begin_step()
-        # Warm-up with the same shapes: plans FlashH2D, compiles every kernel variant used below.
+        # Warm-up with the same shapes (other pages, so that the guarded resolve loads): plans FlashH2D, compiles
+        # every kernel variant used below.
         tier.write_new(layer, k, k, sm)
-        tier.resolve(layer, pages)
+        tier.resolve(layer, other)
         tier.save_inline(layer, k, k, sm)
         tier.begin_step()
         torch.cuda.synchronize()
