@@ -186,7 +186,9 @@ def test_write_new_and_resolve_call_nothing_that_syncs():
 def test_cuda_write_new_and_resolve_do_not_sync():
     host = HostKVStore(LAYERS, BLOCKS, HKV, BS, D, torch.float16, pin=True)
     host.kv.normal_()
-    pool = torch.zeros((HKV * PPB + 1, PS, 2 * D), dtype=torch.float16, device="cuda")
+    # Room for the pages write_new protects in a layer's scope plus the 2 x HKV x PPB / 2 that resolve loads (with
+    # HKV * PPB + 1 slots, as before, half of the resolved pages got no slot: found on the H200).
+    pool = torch.zeros((3 * HKV * PPB + 1, PS, 2 * D), dtype=torch.float16, device="cuda")
     tier = OffloadTier(host=host, cache_pages=pool, page_size=PS, max_tokens=64)
     k = torch.randn(3, HKV, D, dtype=torch.float16, device="cuda")
     sm = torch.tensor([BS + 1, -1, 2 * BS], device="cuda")
