@@ -16,6 +16,9 @@ Contract:
   requests with nothing selected in the window are left out. Freed blocks' pages are forgotten (`free_blocks`).
 - Layer-segmented prefill (`adapter/segmented_prefill.py`) reads `model` (set when the model loads,
   `patches/model_loader.py`) and `step_decodes` (the builder's count of the step's decode requests).
+- The statistics thread never touches the device: the offload tier's counters reach it through
+  `refresh_tier_stats`, which the main thread calls when blocks are freed and, at most twice a second, after a
+  step's forward (`working_set_report`).
 - Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line
   summing every process of the engine (the scheduler's working-set cap included).
 """
@@ -36,6 +39,7 @@ from sparseserve_vllm.kernels.pages import num_meta_vectors
 logger = plugin_logger(__name__)
 
 _RUNTIME: "SparseRuntime | None" = None
+_TIER_STATS_S = 0.5
 
 
 def get_runtime(vllm_config) -> "SparseRuntime":
@@ -64,6 +68,8 @@ class SparseRuntime:
         self.wrapper = None
         self._meta: dict[int, torch.Tensor] = {}
         self.ws_tracker = None  # offload: WorkingSetTracker, made with the tier
+        self._tier_stats: dict[str, int] = {}  # the tier's counters, copied by the main thread (refresh_tier_stats)
+        self._tier_stats_at = 0.0
         self.model = None  # layer-segmented prefill: the loaded model (patches/model_loader.py)
         self.step_decodes = 0  # decode requests of the step being run (builder), read by layer-segmented prefill
         self._ws_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (first block ids [R], owned pages [R, P])
@@ -128,7 +134,7 @@ class SparseRuntime:
         while True:
             time.sleep(0.5)
             if self.tier is not None:
-                self.counters.values.update(self.tier.stats())
+                self.counters.values.update(self._tier_stats)
             values = dict(self.counters.values)
             if values != published:
                 stats.publish(self.counters, self._stats_dir)
@@ -186,6 +192,15 @@ class SparseRuntime:
         if self.tier is not None:
             pages = self.tier.free_blocks(torch.tensor(block_ids, dtype=torch.long))
             self.ws_tracker.forget(pages)
+            self.refresh_tier_stats(force=True)
+
+    def refresh_tier_stats(self, force: bool = False) -> None:
+        """Main thread, at most every `_TIER_STATS_S` unless forced: copy the tier's counters (one host sync) for the
+        statistics thread, which never touches the device itself (a host sync from another thread while vLLM
+        captures a CUDA graph would invalidate the capture)."""
+        now = time.monotonic()
+        if self.tier is not None and (force or now - self._tier_stats_at >= _TIER_STATS_S):
+            self._tier_stats, self._tier_stats_at = self.tier.stats(), now
 
     # ---- working set (offload) ----
     def note_decode_rows(self, block_table: torch.Tensor, seq_lens_cpu: torch.Tensor) -> None:
@@ -215,6 +230,7 @@ class SparseRuntime:
         rows, self._ws_rows = self._ws_rows, None
         if self.ws_tracker is None:
             return {}
+        self.refresh_tier_stats()
         if self._ws_open:
             self.ws_tracker.end_step()
             self._ws_open = False
