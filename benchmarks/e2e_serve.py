@@ -45,7 +45,7 @@ SYSTEMS = {
     "native-offload": ["--kv-offloading-size", "48"],
     "sparse": ["--attention-backend", "sparseserve"],
     "sparseserve": ["--attention-backend", "sparseserve", "--additional-config",
-                    json.dumps({"sparseserve": {"offload": True, "host_kv_gib": 96, "hbm_cache_gib": 24}})],
+                    json.dumps({"sparseserve": {"offload": True, "host_kv_gib": 64, "hbm_cache_gib": 24}})],
 }
 LIVE_SERVERS: list = []  # stopped by the SIGTERM handler (a `timeout` around this script must not leave servers)
 KEYS = ("completed", "duration", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms",

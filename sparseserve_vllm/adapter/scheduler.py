@@ -19,10 +19,10 @@ Contract:
     * the other decode requests are parked for this step: hidden from `self.running` while vLLM schedules and put
       back afterwards at their places; they keep their blocks (KV stays in host DRAM) and are never recomputed;
     * waiting requests are admitted as an FCFS prefix: a request that starts, runs or has just finished a
-      layer-segmented prefill always (it holds no HBM cache pages, `adapter/segmented_prefill.py`; its last prompt
-      token then needs one page per layer and KV head, and from then on it is a decode request like the others); any other only while no request is
-      parked and its first chunk's exact prefill need fits in what is left (the first one always when nothing
-      runs). vLLM sees only that prefix (the other waiting requests are hidden from its queues for the step) and
+      layer-segmented prefill always (it holds no HBM cache pages, `adapter/segmented_prefill.py`; its last
+      prompt token then needs one page per layer and KV head, and from then on it is a decode request like the
+      others); any other only while no request is parked and its first chunk's exact prefill need fits in what is
+      left (the first one always when nothing runs). vLLM sees only that prefix (the other waiting requests are hidden from its queues for the step) and
       `max_num_running_reqs` is lowered to what it admits.
   Every request completes: the head of the running queue always runs, and the others move up as it finishes.
 - Working sets arrive from the workers through the connector (`SparseServeWorkerMetadata`: the step number and

@@ -10,6 +10,8 @@ the per-layer tensors with ONE tensor of `hbm_cache_gib` shared by every attenti
 
 from __future__ import annotations
 
+import math
+
 import functools
 
 import vllm.v1.engine.core as engine_core
@@ -50,11 +52,11 @@ def offload_configs(vllm_config, kv_cache_specs, available_memory):
         chunk = vllm_config.scheduler_config.max_num_batched_tokens
         need_pages = spec.num_kv_heads * (cfg.num_select_pages + -(-chunk // cfg.page_size) + 1)
         if cache_blocks * pages_per_block < need_pages:
-            need_gib = need_pages / pages_per_block * page_bytes / GIB
+            need_gib = math.ceil(-(-need_pages // pages_per_block) * page_bytes / GIB * 1e6) / 1e6  # whole blocks
             raise SparseServeConfigError(
                 f"sparseserve: hbm_cache_gib={cfg.hbm_cache_gib} holds {cache_blocks * pages_per_block} pages, fewer "
                 f"than one layer of one step needs ({need_pages}: a decode's token_budget plus a "
-                f"{chunk}-token prefill chunk); allowed: >= {need_gib:.4f}"
+                f"{chunk}-token prefill chunk); allowed: >= {need_gib:.6f}"
             )
         tensors = [KVCacheTensor(size=cache_blocks * page_bytes, shared_by=list(groups[0].layer_names))]
         out.append(KVCacheConfig(num_blocks=config.num_blocks, kv_cache_tensors=tensors, kv_cache_groups=groups))

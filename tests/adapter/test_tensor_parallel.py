@@ -28,9 +28,11 @@ def test_tp2_equals_vllm_backend(tiny_model, monkeypatch):
         got = greedy(llm, prompts)
     assert all(len(set(t)) >= 4 for t in dense), dense
     assert got == dense
-    # Offload at TP=2, with an HBM cache per rank far smaller than the prompts' KV: same tokens, and every page is
+    # Offload at TP=2, with an HBM cache per rank far smaller than the prompts' KV (88 pages of 16 tokens of the
+    # rank's one KV head; the 900-token request's decode reads 57 a layer, so every decode step evicts): same
+    # tokens, the prompts prefilled layer by layer on both ranks (max_num_batched_tokens 256), and every page is
     # given back on both ranks when the requests finish.
-    ss = {"token_budget": 1024, "page_size": 16, "offload": True, "host_kv_gib": 0.02, "hbm_cache_gib": 0.0006}
+    ss = {"token_budget": 1024, "page_size": 16, "offload": True, "host_kv_gib": 0.02, "hbm_cache_gib": 0.00034}
     before = stats.read_totals()
     with engine(model, "sparseserve", ss, max_model_len=2048, tensor_parallel_size=2,
                 max_num_batched_tokens=256) as llm:
@@ -39,4 +41,6 @@ def test_tp2_equals_vllm_backend(tiny_model, monkeypatch):
         after = stats.read_totals()
     assert got == dense
     assert after["hbm_evictions"] > before["hbm_evictions"]
+    # Both ranks ran every unit: 2 x 2 layers x (899 + 399) token-layers.
+    assert after["segment_token_layers"] - before["segment_token_layers"] == 2 * 2 * (899 + 399), after
     assert after["hbm_pages_in_use"] == 0 and after["host_blocks_in_use"] == 0, after
