@@ -128,10 +128,7 @@ class SparseServeImpl(AttentionImpl):
         meta = rt.page_meta(li, kv_cache)
         if md.summarize_slots.numel():
             cached = tier.resident_slots(li, md.summarize_slots).to(torch.long)
-            fresh = torch.empty((cached.numel(),) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
-            idx = torch.arange(cached.numel(), device=meta.device)
-            build_page_metadata(tier.cache_pages[cached], fresh, idx, selector=rt.cfg.selector)
-            meta[md.summarize_slots] = fresh
+            self._summarize_pages(meta, tier.cache_pages[cached], md.summarize_slots)
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if li < rt.cfg.dense_layers:
@@ -172,13 +169,17 @@ class SparseServeImpl(AttentionImpl):
         if flat is not None:
             kv = torch.cat((k[p0 * ps: p1 * ps], v[p0 * ps: p1 * ps]), dim=-1)  # [tokens, Hkv, 2D]
             pages = kv.view(p1 - p0, ps, h, -1).transpose(1, 2).reshape((p1 - p0) * h, ps, kv.shape[-1])
-            meta = rt.page_meta(li, kv_cache)
-            fresh = torch.empty((pages.shape[0],) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
-            build_page_metadata(pages, fresh, torch.arange(pages.shape[0], device=meta.device), selector=rt.cfg.selector)
-            meta[flat.reshape(-1)] = fresh
+            self._summarize_pages(rt.page_meta(li, kv_cache), pages, flat.reshape(-1))
             rt.count(pages_summarized=pages.shape[0])
         tier.save(li, key[:n], value[:n], job.host_slots[a:b])
         return output
+
+    def _summarize_pages(self, meta, pages, slots) -> None:
+        """Metadata rows `meta[slots]` of the gathered pages `pages` ([len(slots), page_size, 2D], in that order)."""
+        fresh = torch.empty((pages.shape[0],) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
+        build_page_metadata(pages, fresh, torch.arange(pages.shape[0], device=meta.device),
+                            selector=self.runtime.cfg.selector)
+        meta[slots] = fresh
 
     def _dense_from_host(self, tier, q, key, value, out, query_start_loc, seq_lens, block_table, offset: int) -> None:
         """Dense causal attention of the rows `offset + query_start_loc[r] ..`, context gathered from host DRAM."""
