@@ -44,9 +44,10 @@ SYSTEMS = {
     "dense": [],
     "native-offload": ["--kv-offloading-size", "48"],
     "sparse": ["--attention-backend", "sparseserve"],
-    "sparseserve": ["--attention-backend", "sparseserve", "--additional-config",
-                    json.dumps({"sparseserve": {"offload": True, "host_kv_gib": 64, "hbm_cache_gib": 24}})],
+    "sparseserve": ["--attention-backend", "sparseserve"],  # + --additional-config, built from the flags in main()
 }
+# NVLink multicast stays off on shared hosts (device notes): NCCL, PyTorch symmetric memory and NVSHMEM.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 LIVE_SERVERS: list = []  # stopped by the SIGTERM handler (a `timeout` around this script must not leave servers)
 KEYS = ("completed", "duration", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
         "p99_itl_ms", "output_throughput", "total_token_throughput")
@@ -73,7 +74,7 @@ def run_system(system: str, gpus: str, tp: int, args, model: str, vllm: str, out
                   "--tensor-parallel-size", str(tp), *SYSTEMS[system]]
     tag = system if tp == 1 else f"{system}-tp{tp}"
     summary = {"system": system, "tp": tp, "gpus": gpus, "model": args.model, "serve_args": serve_args, "runs": {}}
-    env = {"CUDA_VISIBLE_DEVICES": gpus, "NCCL_NVLS_ENABLE": "0"}
+    env = {"CUDA_VISIBLE_DEVICES": gpus, **NO_MULTICAST}
     t0 = time.monotonic()
     try:
         with VllmServer(model, serve_args, env=env, timeout_s=420, log_path=out / f"{tag}-server.log") as server:
@@ -116,6 +117,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=288)
     ap.add_argument("--max-model-len", type=int, default=131072)
     ap.add_argument("--gpu-util", type=float, default=0.9)
+    ap.add_argument("--host-kv-gib", type=float, default=64, help="sparseserve: pinned host KV, all ranks together")
+    ap.add_argument("--hbm-cache-gib", type=float, default=24, help="sparseserve: HBM page cache per GPU")
     ap.add_argument("--model-path", default=None, help="a local model folder instead of configs/<model> (dry runs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -126,6 +129,8 @@ def main() -> None:
         os._exit(143)
 
     signal.signal(signal.SIGTERM, on_term)
+    SYSTEMS["sparseserve"] += ["--additional-config", json.dumps({"sparseserve": {
+        "offload": True, "host_kv_gib": args.host_kv_gib, "hbm_cache_gib": args.hbm_cache_gib}})]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = args.model_path or model_dir(args.model)

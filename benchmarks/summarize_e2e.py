@@ -51,7 +51,9 @@ def main() -> None:
         s = json.loads(f.read_text())
         if isinstance(s, dict) and "system" in s and "runs" in s:
             systems[f.stem] = s
-    dense = systems.get("dense")
+    # baselines by system name: the tags carry a "-tp<N>" suffix for tensor-parallel runs
+    by_system = {s["system"]: tag for tag, s in systems.items()}
+    dense = systems.get(by_system.get("dense"))
     slo_ms = 25 * dense["runs"]["batch1"]["mean_tpot_ms"] if dense and "batch1" in dense["runs"] else None
     rates = sorted({k for s in systems.values() for k in s["runs"] if k.startswith("rate-")})
     finite = f"rate-{a.finite_rate}" if a.finite_rate else next((r for r in rates if r != "rate-inf"), None)
@@ -66,13 +68,14 @@ def main() -> None:
 
     goals = {}
     for tag in systems:
-        if tag in ("dense",):
+        if systems[tag]["system"] == "dense":
             continue
         g = {}
-        for base in ("dense", "native-offload"):
-            if base not in systems or base == tag:
+        for name in ("dense", "native-offload"):
+            base = by_system.get(name)
+            if base is None or base == tag:
                 continue
-            sfx = "dense" if base == "dense" else "native_offload"
+            sfx = name.replace("-", "_")
             g[f"throughput_vs_{sfx}"] = ratio(get(tag, "rate-inf", "output_throughput"),
                                               get(base, "rate-inf", "output_throughput"))
             g[f"ttft_reduction_vs_{sfx}"] = ratio(get(base, finite, "mean_ttft_ms"), get(tag, finite, "mean_ttft_ms"))
@@ -80,7 +83,8 @@ def main() -> None:
             g[f"batch1_decode_vs_{sfx}"] = ratio(get(base, "batch1", "mean_tpot_ms"), get(tag, "batch1", "mean_tpot_ms"))
         goals[tag] = g
     model = next(iter(systems.values()))["model"] if systems else None
-    summary = {"date": str(date.today()), "commit": a.commit, "model": model, "finite_rate": finite,
+    tp = next(iter(systems.values())).get("tp", 1) if systems else 1
+    summary = {"date": str(date.today()), "commit": a.commit, "model": model, "tp": tp, "finite_rate": finite,
                "goodput_tpot_slo_ms": slo_ms, "goals": goals,
                "systems": {t: {"startup_s": s.get("startup_s"), "error": s.get("error"),
                                "runs": {k: {kk: vv for kk, vv in v.items() if kk != "command"}
@@ -118,7 +122,8 @@ def main() -> None:
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(runs))], runs)
         ax.set_title(label)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"vllm serve + vllm bench serve, {model}, H200 ({summary['date']})")
+    gpus = "H200" if tp == 1 else f"{tp} x H200, tensor parallel {tp}"
+    fig.suptitle(f"vllm serve + vllm bench serve, {model}, {gpus} ({summary['date']})")
     fig.tight_layout()
     fig.savefig(d / "e2e.png", dpi=110)
 

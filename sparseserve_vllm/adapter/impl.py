@@ -134,7 +134,10 @@ class SparseServeImpl(AttentionImpl):
         tier.write_new(li, key, value, slot_mapping)
         meta = rt.page_meta(li, kv_cache)
         if md.summarize_slots.numel():
-            self._summarize_cached(tier, meta, md.summarize_slots)
+            # Logical pages -> the cache slots `write_new` just filled; -1 padding reads the tier's trash page (the
+            # last slot) and writes meta's trash row (its last): fixed shapes, no host sync.
+            cached = tier.resident_slots(li, md.summarize_slots).to(torch.long)
+            self._summarize_pages(meta, tier.cache_pages[cached], md.summarize_slots)
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if li < rt.cfg.dense_layers:  # eager only: the backend declares NEVER for offload with dense layers
@@ -160,15 +163,6 @@ class SparseServeImpl(AttentionImpl):
             tier.save_inline(li, key, value, slot_mapping)
         return output
 
-    def _summarize_cached(self, tier, meta, slots) -> None:
-        """Metadata of the pages `slots` (logical, -1 = padding) from their cache slots, where `write_new` just put
-        them: padding reads the tier's trash page and writes meta's trash row (its last), fixed shapes throughout."""
-        cached = tier.resident_slots(self._layer_idx, slots).to(torch.long)  # -1 -> the trash page (last slot)
-        fresh = torch.empty((cached.numel(),) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
-        idx = torch.arange(cached.numel(), device=meta.device)
-        build_page_metadata(tier.cache_pages[cached], fresh, idx, selector=self.runtime.cfg.selector)
-        meta[slots] = fresh  # -1 -> the trash row (the last)
-
     def _forward_segment(self, query, key, value, kv_cache, md, output):
         """One unit of a layer-segmented prefill: the job's tokens `[md.start, md.end)` in this layer attend causally
         to the layer's prompt KV in the job's one-layer scratch; the pages they fill get their metadata; the new
@@ -187,13 +181,18 @@ class SparseServeImpl(AttentionImpl):
         if flat is not None:
             kv = torch.cat((k[p0 * ps: p1 * ps], v[p0 * ps: p1 * ps]), dim=-1)  # [tokens, Hkv, 2D]
             pages = kv.view(p1 - p0, ps, h, -1).transpose(1, 2).reshape((p1 - p0) * h, ps, kv.shape[-1])
-            meta = rt.page_meta(li, kv_cache)
-            fresh = torch.empty((pages.shape[0],) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
-            build_page_metadata(pages, fresh, torch.arange(pages.shape[0], device=meta.device), selector=rt.cfg.selector)
-            meta[flat.reshape(-1)] = fresh
+            self._summarize_pages(rt.page_meta(li, kv_cache), pages, flat.reshape(-1))
             rt.count(pages_summarized=pages.shape[0])
         tier.save(li, key[:n], value[:n], job.host_slots[a:b])
         return output
+
+    def _summarize_pages(self, meta, pages, slots) -> None:
+        """Metadata rows `meta[slots]` of the gathered pages `pages` ([len(slots), page_size, 2D], in that order);
+        a -1 slot writes meta's trash row (the last). No host sync: safe inside a captured CUDA graph."""
+        fresh = torch.empty((pages.shape[0],) + meta.shape[1:], dtype=meta.dtype, device=meta.device)
+        build_page_metadata(pages, fresh, torch.arange(pages.shape[0], device=meta.device),
+                            selector=self.runtime.cfg.selector)
+        meta[slots] = fresh
 
     def _dense_from_host(self, tier, q, key, value, out, query_start_loc, seq_lens, block_table, offset: int) -> None:
         """Dense causal attention of the rows `offset + query_start_loc[r] ..`, context gathered from host DRAM."""
