@@ -72,6 +72,9 @@ class SparseRuntime:
         self._tier_stats_at = 0.0
         self.model = None  # layer-segmented prefill: the loaded model (patches/model_loader.py)
         self.step_decodes = 0  # decode requests of the step being run (builder), read by layer-segmented prefill
+        # layer-segmented prefill: {request length: last-token attention outputs [layers, heads, head dim]} of the
+        # requests whose last prompt token this step runs (set before the forward, cleared after it)
+        self.segment_last: dict = {}
         self._ws_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (first block ids [R], owned pages [R, P])
         self._ws_open = False  # a selection was recorded since the last end_step
         self.counters = stats.process_counters()
