@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="1024,2048")
     ap.add_argument("--new-tokens", type=int, default=7)
     ap.add_argument("--selectors", default=",".join(SELECTORS))
+    ap.add_argument("--page-size", type=int, default=32, choices=(8, 16, 32, 64, 128))
     ap.add_argument("--dense-layers", type=int, default=0, help="the first N layers decode densely (`dense_layers`)")
     args = ap.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -48,7 +49,8 @@ def main() -> None:
         if MODE["config"] is None or query.shape[2] != 1 or module.layer_idx < args.dense_layers:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
         selector, budget = MODE["config"]
-        out = sparse_attention(query[0, :, 0], paged(key[0], value[0]), selector, budget, scaling)
+        layout = paged(key[0], value[0], page_size=args.page_size)
+        out = sparse_attention(query[0, :, 0], layout, selector, budget, scaling, page_size=args.page_size)
         return out[None, None].to(query.dtype), None
 
     AttentionInterface.register("sparseserve_eval", attention)
@@ -88,7 +90,7 @@ def main() -> None:
                           "answers": {k: v[-1] for k, v in answers.items()}}), flush=True)
     result = {
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "placements": args.placements,
-        "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": 32, "sink_pages": 2,
+        "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": args.page_size, "sink_pages": 2,
         "recent_pages": 2, "dense_layers": args.dense_layers, "seconds": round(time.time() - t0, 1),
         "accuracy": {k: v / args.placements for k, v in hits.items()}, "answers": answers,
     }
