@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=7)
     ap.add_argument("--selectors", default=",".join(SELECTORS))
     ap.add_argument("--page-size", type=int, default=32, choices=(8, 16, 32, 64, 128))
+    ap.add_argument("--sink-pages", type=int, default=2)
+    ap.add_argument("--recent-pages", type=int, default=2)
     ap.add_argument("--dense-layers", type=int, default=0, help="the first N layers decode densely (`dense_layers`)")
     args = ap.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +52,8 @@ def main() -> None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
         selector, budget = MODE["config"]
         layout = paged(key[0], value[0], page_size=args.page_size)
-        out = sparse_attention(query[0, :, 0], layout, selector, budget, scaling, page_size=args.page_size)
+        out = sparse_attention(query[0, :, 0], layout, selector, budget, scaling, page_size=args.page_size,
+                               sink_pages=args.sink_pages, recent_pages=args.recent_pages)
         return out[None, None].to(query.dtype), None
 
     AttentionInterface.register("sparseserve_eval", attention)
@@ -90,8 +93,9 @@ def main() -> None:
                           "answers": {k: v[-1] for k, v in answers.items()}}), flush=True)
     result = {
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "placements": args.placements,
-        "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": args.page_size, "sink_pages": 2,
-        "recent_pages": 2, "dense_layers": args.dense_layers, "seconds": round(time.time() - t0, 1),
+        "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": args.page_size,
+        "sink_pages": args.sink_pages, "recent_pages": args.recent_pages, "dense_layers": args.dense_layers,
+        "seconds": round(time.time() - t0, 1),
         "accuracy": {k: v / args.placements for k, v in hits.items()}, "answers": answers,
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
