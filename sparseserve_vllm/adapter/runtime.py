@@ -1,7 +1,9 @@
 """`SparseRuntime`: the per-process state shared by the SparseServe builder and every layer's impl.
 
 Contract:
-- One runtime per worker process (`get_runtime`); it owns the parsed `SparseServeConfig`, the KV geometry, one
+- One runtime per worker process and engine (`get_runtime`, keyed by the engine's `VllmConfig.instance_id`: a later
+  engine in the same process, as with `VLLM_ENABLE_V1_MULTIPROCESSING=0`, gets a fresh one and the previous one's
+  statistics thread stops); it owns the parsed `SparseServeConfig`, the KV geometry, one
   `SparseDecodeWrapper` whose buffers every layer reuses (layers run one after another), the page metadata tensor
   of each layer, the `OffloadTier` when `offload` is on, and the statistics counters.
 - The builder makes the wrapper once (`make_wrapper`, planned for the largest batch and context, so its buffers
@@ -44,7 +46,9 @@ _TIER_STATS_S = 0.5
 
 def get_runtime(vllm_config) -> "SparseRuntime":
     global _RUNTIME
-    if _RUNTIME is None:
+    if _RUNTIME is None or _RUNTIME.instance_id != vllm_config.instance_id:
+        if _RUNTIME is not None:
+            _RUNTIME.stop()
         _RUNTIME = SparseRuntime(sparseserve_config(vllm_config), vllm_config)
     return _RUNTIME
 
@@ -52,6 +56,7 @@ def get_runtime(vllm_config) -> "SparseRuntime":
 class SparseRuntime:
     def __init__(self, cfg: SparseServeConfig, vllm_config) -> None:
         self.cfg = cfg
+        self.instance_id = vllm_config.instance_id
         self.max_num_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         # Layer-segmented prefill: its work per step (token x layer units) and so the most tokens of one layer it
         # saves at once (at most a whole prompt); FlashD2H's ring holds two such saves, so a layer's save never
@@ -79,7 +84,12 @@ class SparseRuntime:
         self._ws_open = False  # a selection was recorded since the last end_step
         self.counters = stats.process_counters()
         self._stats_dir = stats.ensure_stats_dir()
+        self._stopped = threading.Event()
         threading.Thread(target=self._publish_loop, name="sparseserve-stats", daemon=True).start()
+
+    def stop(self) -> None:
+        """End the statistics thread (a later engine in this process made its own runtime)."""
+        self._stopped.set()
 
     # ---- geometry and planning (builder, host side) ----
     def bind_geometry(self, *, block_size: int, num_kv_heads: int, head_size: int, num_layers: int) -> None:
@@ -134,8 +144,7 @@ class SparseRuntime:
         """Publish changed counters twice a second; log the summary line every `stats_interval_s`."""
         published: dict[str, int] = {}
         last_log = time.monotonic()
-        while True:
-            time.sleep(0.5)
+        while not self._stopped.wait(0.5):
             if self.tier is not None:
                 self.counters.values.update(self._tier_stats)
             values = dict(self.counters.values)

@@ -218,7 +218,9 @@ class SegmentedPrefill:
                 self._run(view, jobs[i], layer, start, end)
                 counters["segment_peak_bytes"] = max(counters["segment_peak_bytes"], jobs[i].nbytes)
         work = sum(end - start for _, _, start, end in plan)
-        self.rt.count(segment_token_layers=work, dense_tokens=work, segment_steps=1,
+        # the last prompt token's query counts where vLLM runs it (a prefill row, which takes the kept output)
+        dense = sum(max(min(end, jobs[i].num_saved) - start, 0) for i, _, start, end in plan)
+        self.rt.count(segment_token_layers=work, dense_tokens=dense, segment_steps=1,
                       segment_steps_with_decodes=int(with_decodes > 0))
         for job in jobs:
             if job.progress.done:
