@@ -1,9 +1,8 @@
 """`SparseRuntime`: the per-process state shared by the SparseServe builder and every layer's impl.
 
 Contract:
-- One runtime per worker process and engine (`get_runtime`, keyed by the engine's `VllmConfig.instance_id`: a later
-  engine in the same process, as with `VLLM_ENABLE_V1_MULTIPROCESSING=0`, gets a fresh one and the previous one's
-  statistics thread stops); it owns the parsed `SparseServeConfig`, the KV geometry, one
+- One runtime per worker process and engine (`get_runtime`: a later engine in the same process, as with
+  `VLLM_ENABLE_V1_MULTIPROCESSING=0`, gets a fresh one and the previous one's statistics thread stops); it owns the parsed `SparseServeConfig`, the KV geometry, one
   `SparseDecodeWrapper` whose buffers every layer reuses (layers run one after another), the page metadata tensor
   of each layer, the `OffloadTier` when `offload` is on, and the statistics counters.
 - The builder makes the wrapper once (`make_wrapper`, planned for the largest batch and context, so its buffers
@@ -46,7 +45,7 @@ _TIER_STATS_S = 0.5
 
 def get_runtime(vllm_config) -> "SparseRuntime":
     global _RUNTIME
-    if _RUNTIME is None or _RUNTIME.instance_id != vllm_config.instance_id:
+    if _RUNTIME is None or not _RUNTIME.serves(vllm_config):
         if _RUNTIME is not None:
             _RUNTIME.stop()
         _RUNTIME = SparseRuntime(sparseserve_config(vllm_config), vllm_config)
@@ -56,7 +55,7 @@ def get_runtime(vllm_config) -> "SparseRuntime":
 class SparseRuntime:
     def __init__(self, cfg: SparseServeConfig, vllm_config) -> None:
         self.cfg = cfg
-        self.instance_id = vllm_config.instance_id
+        self._engine = (vllm_config.instance_id, vllm_config.cache_config)
         self.max_num_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         # Layer-segmented prefill: its work per step (token x layer units) and so the most tokens of one layer it
         # saves at once (at most a whole prompt); FlashD2H's ring holds two such saves, so a layer's save never
@@ -86,6 +85,13 @@ class SparseRuntime:
         self._stats_dir = stats.ensure_stats_dir()
         self._stopped = threading.Event()
         threading.Thread(target=self._publish_loop, name="sparseserve-stats", daemon=True).start()
+
+    def serves(self, vllm_config) -> bool:
+        """Is `vllm_config` the engine's this runtime was made for? Copies of it keep its `instance_id` (pickled to
+        worker processes, deep copies); `with_hf_config` views of it (a multimodal model's language model) get a new
+        `instance_id` but share its sub-configs."""
+        instance_id, cache_config = self._engine
+        return vllm_config.instance_id == instance_id or vllm_config.cache_config is cache_config
 
     def stop(self) -> None:
         """End the statistics thread (a later engine in this process made its own runtime)."""

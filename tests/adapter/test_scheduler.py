@@ -139,7 +139,8 @@ def test_runtime_reports_each_decode_requests_working_set_in_bytes():
                             working_set_window=2, stats_interval_s=0)
     # A stub vLLM config with no attention backend selected: no layer-segmented prefill.
     rt = SparseRuntime(cfg, SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=64),
-                                           attention_config=SimpleNamespace(backend=None), instance_id="test"))
+                                           attention_config=SimpleNamespace(backend=None), instance_id="test",
+                                           cache_config=None))
     hkv, d = 2, 8
     rt.bind_geometry(block_size=32, num_kv_heads=hkv, head_size=d, num_layers=3)  # 2 pages per block
     rt.set_logical_blocks(10)
