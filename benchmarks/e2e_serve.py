@@ -7,8 +7,11 @@ Systems (same model, trace and machine):
   sparseserve     SparseServe with offload (all KV in pinned DRAM, an HBM page cache)
 `--plan "0:dense,native-offload;1:sparse,sparseserve"` runs the systems of each lane one after another on that GPU
 (CUDA_VISIBLE_DEVICES), the lanes side by side; `--tp 2 --plan "0,1:dense,sparse"` runs tensor-parallel servers.
-Every server: dummy weights of a real config (configs/), prefix caching off, no torch.compile (`-O0`, to fit a
-10-minute device call) and full CUDA graphs for decode batches (`cudagraph_mode FULL_DECODE_ONLY`) for all systems.
+Every server: dummy weights of a real config (configs/), prefix caching off; by default no torch.compile (`-O0`, to
+fit a 10-minute device call) and full CUDA graphs for decode batches (`cudagraph_mode FULL_DECODE_ONLY`) for all
+systems; `--opt-level N` (N >= 1) compiles and keeps vLLM's default graph mode instead (FULL_AND_PIECEWISE: full
+graphs for decode batches, offload's too unless `dense_layers` > 0, and piecewise graphs around the attention of
+other batches).
 Per system, in order:
   batch1  `--batch1-prompts` requests of `--batch1-input` tokens, `--batch1-output` out, one at a time: the decode
           speed of a single request (mean TPOT);
@@ -38,8 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-COMMON = ["--load-format", "dummy", "--served-model-name", "m", "--no-enable-prefix-caching", "-O0", "-cc",
-          json.dumps({"cudagraph_mode": "FULL_DECODE_ONLY"}), "--max-num-seqs", "64"]
+COMMON = ["--load-format", "dummy", "--served-model-name", "m", "--no-enable-prefix-caching", "--max-num-seqs", "64"]
 SYSTEMS = {
     "dense": [],
     "native-offload": ["--kv-offloading-size", "48"],
@@ -70,7 +72,8 @@ def bench(vllm: str, url: str, tokenizer: str, out: Path, name: str, extra: list
 def run_system(system: str, gpus: str, tp: int, args, model: str, vllm: str, out: Path) -> None:
     from sparseserve_vllm.serve_process import VllmServer
 
-    serve_args = [*COMMON, "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_util),
+    graphs = ["-cc", json.dumps({"cudagraph_mode": "FULL_DECODE_ONLY"})] if args.opt_level == 0 else []
+    serve_args = [*COMMON, f"-O{args.opt_level}", *graphs, "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_util),
                   "--tensor-parallel-size", str(tp), *SYSTEMS[system]]
     tag = system if tp == 1 else f"{system}-tp{tp}"
     summary = {"system": system, "tp": tp, "gpus": gpus, "model": args.model, "serve_args": serve_args, "runs": {}}
@@ -117,6 +120,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=288)
     ap.add_argument("--max-model-len", type=int, default=131072)
     ap.add_argument("--gpu-util", type=float, default=0.9)
+    ap.add_argument("--opt-level", type=int, default=0, choices=(0, 1, 2, 3),
+                    help="vLLM's -O level for every server (see the module docstring)")
     ap.add_argument("--host-kv-gib", type=float, default=64, help="sparseserve: pinned host KV, all ranks together")
     ap.add_argument("--hbm-cache-gib", type=float, default=24, help="sparseserve: HBM page cache per GPU")
     ap.add_argument("--model-path", default=None, help="a local model folder instead of configs/<model> (dry runs)")

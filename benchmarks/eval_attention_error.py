@@ -48,7 +48,8 @@ def paged(key, value, page_size=32, block_size=128):
     return pages, block_table, seq_lens, full, hkv
 
 
-def sparse_attention(q_last, layout, selector, budget, scale, page_size=32, block_size=128):
+def sparse_attention(q_last, layout, selector, budget, scale, page_size=32, block_size=128, sink_pages=2,
+                     recent_pages=2):
     """SparseServe's decode attention (torch backend) of `q_last [Hq, D]` over a `paged()` context: [Hq, D]."""
     pages, block_table, seq_lens, full, hkv = layout
     d = q_last.shape[-1]
@@ -56,7 +57,8 @@ def sparse_attention(q_last, layout, selector, budget, scale, page_size=32, bloc
     build_page_metadata(pages, meta, full, selector=selector)
     ppb = block_size // page_size
     w = SparseDecodeWrapper(q_last.shape[0], hkv, d, page_size, ppb,
-                            selector=selector, token_budget=budget, device="cpu", dtype=torch.float32, backend="torch")
+                            selector=selector, token_budget=budget, sink_pages=sink_pages, recent_pages=recent_pages,
+                            device="cpu", dtype=torch.float32, backend="torch")
     w.plan(1, block_table.shape[1] * ppb)
     return w.run(q_last[None].float(), pages, meta, block_table, seq_lens, scale)[0]
 

@@ -38,22 +38,33 @@ def main() -> None:
     ap.add_argument("--filler", type=int, default=300, help="filler sentences (300 -> about 7K tokens)")
     ap.add_argument("--budgets", default="1024,2048")
     ap.add_argument("--new-tokens", type=int, default=7)
+    ap.add_argument("--selectors", default=",".join(SELECTORS))
+    ap.add_argument("--page-size", type=int, default=32, choices=(8, 16, 32, 64, 128))
+    ap.add_argument("--sink-pages", type=int, default=2)
+    ap.add_argument("--recent-pages", type=int, default=2)
+    ap.add_argument("--dense-layers", type=int, default=0, help="the first N layers decode densely (`dense_layers`)")
     args = ap.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def attention(module, query, key, value, attention_mask, scaling=None, **kw):
-        if MODE["config"] is None or query.shape[2] != 1:
+        if MODE["config"] is None or query.shape[2] != 1 or module.layer_idx < args.dense_layers:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
         selector, budget = MODE["config"]
-        out = sparse_attention(query[0, :, 0], paged(key[0], value[0]), selector, budget, scaling)
+        layout = paged(key[0], value[0], page_size=args.page_size)
+        out = sparse_attention(query[0, :, 0], layout, selector, budget, scaling, page_size=args.page_size,
+                               sink_pages=args.sink_pages, recent_pages=args.recent_pages)
         return out[None, None].to(query.dtype), None
 
     AttentionInterface.register("sparseserve_eval", attention)
     path = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sparseserve_eval").eval()
-    configs = [None] + [(s, int(b)) for b in args.budgets.split(",") for s in SELECTORS]
+    selectors = args.selectors.split(",")
+    for s in selectors:
+        if s not in SELECTORS:
+            raise SystemExit(f"--selectors: unknown selector {s!r}; allowed: {', '.join(SELECTORS)}")
+    configs = [None] + [(s, int(b)) for b in args.budgets.split(",") for s in selectors]
     name = lambda c: "dense" if c is None else f"{c[0]}@{c[1]}"  # noqa: E731
     hits = {name(c): 0 for c in configs}
     answers = {name(c): [] for c in configs}
@@ -82,8 +93,9 @@ def main() -> None:
                           "answers": {k: v[-1] for k, v in answers.items()}}), flush=True)
     result = {
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "placements": args.placements,
-        "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": 32, "sink_pages": 2,
-        "recent_pages": 2, "seconds": round(time.time() - t0, 1),
+        "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": args.page_size,
+        "sink_pages": args.sink_pages, "recent_pages": args.recent_pages, "dense_layers": args.dense_layers,
+        "seconds": round(time.time() - t0, 1),
         "accuracy": {k: v / args.placements for k, v in hits.items()}, "answers": answers,
     }
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -38,6 +38,7 @@ COUNTER_NAMES = (
     "segment_token_layers",  # layer-segmented prefill: prompt tokens x layers run
     "segment_steps",         # layer-segmented prefill: engine steps that ran prefill units
     "segment_steps_with_decodes",  # layer-segmented prefill: of those, steps whose forward also ran decode requests
+    "segment_last_token_layers",  # layer-segmented prefill: a prompt's last token x layers attended from the prefill's kept output
 )
 GAUGE_NAMES = (
     "hbm_pages_in_use",      # offload: HBM cache slots holding a page

@@ -10,9 +10,10 @@ vLLM has no other per-step channel from the scheduler to an attention backend; S
 - layer-segmented prefill (`adapter/segmented_prefill.py`): on the scheduler side `get_num_new_matched_tokens`
   answers "all but the last token arrive asynchronously" for a new request whose prompt is longer than
   `max_num_batched_tokens` (`segment_tokens`), `update_state_after_alloc` records the job (token and block ids)
-  and the step's metadata carries the new jobs (`segment_jobs`); on the worker side `get_finished` runs the step's
-  prefill units and returns the requests whose prefill ended (and the finished requests whose jobs it dropped) as
-  `finished_recving`;
+  and the step's metadata carries the new jobs (`segment_jobs`) and the requests whose last prompt token the step
+  runs (`last_token_reqs`); on the worker side `start_load_kv` offers those requests' kept attention outputs to
+  the forward, and `get_finished` runs the step's prefill units and returns the requests whose prefill ended (and
+  the finished requests whose jobs it dropped) as `finished_recving`;
 - worker side: hands the logical block count (`kv_cache_config.num_blocks`) to the worker's runtime, frees the
   finished requests' HBM cache slots and working-set history at the start of each step, and after the forward
   reports, as `SparseServeWorkerMetadata`, the working set in bytes of each decode request of the step, keyed by
@@ -41,6 +42,7 @@ class SparseServeConnectorMetadata(KVConnectorMetadata):
     freed_block_ids: list[int] = field(default_factory=list)
     step: int = 0
     segment_jobs: list[SegmentJobSpec] = field(default_factory=list)
+    last_token_reqs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class SparseServeConnector(KVConnectorBase_V1):
         self._segment_above = vllm_config.scheduler_config.max_num_batched_tokens
         self._new_jobs: list[SegmentJobSpec] = []
         self.segmented_requests: set[str] = set()  # scheduler side: requests given to layer-segmented prefill
+        self._awaiting_last: set[str] = set()  # scheduler side: of those, the ones whose last prompt token has not run
         self._segments: SegmentedPrefill | None = None
         if role == KVConnectorRole.WORKER:
             from sparseserve_vllm.adapter.runtime import get_runtime
@@ -105,13 +108,15 @@ class SparseServeConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if num_external_tokens:
             self.segmented_requests.add(request.request_id)
+            self._awaiting_last.add(request.request_id)
             self._new_jobs.append(SegmentJobSpec(
-                req_id=request.request_id, token_ids=list(request.all_token_ids[:num_external_tokens]),
+                req_id=request.request_id, token_ids=list(request.all_token_ids[:num_external_tokens + 1]),
                 block_ids=list(blocks.get_block_ids()[0]),
             ))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         self.segmented_requests.discard(request.request_id)
+        self._awaiting_last.discard(request.request_id)
         self.free_later(block_ids)
         return False, None
 
@@ -120,7 +125,10 @@ class SparseServeConnector(KVConnectorBase_V1):
         self._freed.extend(block_ids)
 
     def build_connector_meta(self, scheduler_output) -> SparseServeConnectorMetadata:
-        meta = SparseServeConnectorMetadata(freed_block_ids=self._freed, step=self._step, segment_jobs=self._new_jobs)
+        last = [r for r in scheduler_output.num_scheduled_tokens if r in self._awaiting_last]
+        self._awaiting_last.difference_update(last)
+        meta = SparseServeConnectorMetadata(freed_block_ids=self._freed, step=self._step, segment_jobs=self._new_jobs,
+                                            last_token_reqs=last)
         self._freed, self._new_jobs = [], []
         self._step += 1
         self.publish_usage()
@@ -150,6 +158,8 @@ class SparseServeConnector(KVConnectorBase_V1):
             meta = self._get_connector_metadata()
             if meta.freed_block_ids:
                 self._runtime.free_blocks(meta.freed_block_ids)
+            if self._segments is not None:
+                self._segments.bind_step(meta.last_token_reqs)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None

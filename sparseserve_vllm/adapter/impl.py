@@ -17,7 +17,8 @@ Decode-only batches of sparse layers (with or without offload) never synchronize
 persistent tensors or device state, so vLLM's full CUDA graphs capture them (see `backend.py`).
 A `SegmentMetadata` (layer-segmented prefill, `adapter/segmented_prefill.py`) runs one unit of a prompt's prefill
 in this layer instead: its tokens attend to the layer's prompt KV in the job's scratch, and their KV goes to host DRAM
-(through the saver's ring: such steps are never captured in a CUDA graph).
+(through the saver's ring: such steps are never captured in a CUDA graph); the last prompt token's output is kept
+for the step that runs that token, which then reloads no context.
 `attn_metadata is None` (profiling / warm-up runs) only zero-fills `output`.
 """
 
@@ -175,15 +176,20 @@ class SparseServeImpl(AttentionImpl):
         k[a:b] = key[:n]
         v[a:b] = value[:n]
         q = query[:n].view(n, self.num_heads, self.head_size)
-        output[:n].view(n, self.num_heads, self.head_size).copy_(self._attend_context(q, k[:b], v[:b]))
+        out = self._attend_context(q, k[:b], v[:b])
+        output[:n].view(n, self.num_heads, self.head_size).copy_(out)
+        if b == job.num_tokens:
+            job.keep_last(li, out[-1])
+        s = min(b, job.num_saved)  # the prompt's last token is written and saved by vLLM's step that runs it
         ps, h = rt.cfg.page_size, self.num_kv_heads
-        p0, p1, flat = job.filled_pages(a, b, ps, rt.ppb, h)
+        p0, p1, flat = job.filled_pages(a, s, ps, rt.ppb, h)
         if flat is not None:
             kv = torch.cat((k[p0 * ps: p1 * ps], v[p0 * ps: p1 * ps]), dim=-1)  # [tokens, Hkv, 2D]
             pages = kv.view(p1 - p0, ps, h, -1).transpose(1, 2).reshape((p1 - p0) * h, ps, kv.shape[-1])
             self._summarize_pages(rt.page_meta(li, kv_cache), pages, flat.reshape(-1))
             rt.count(pages_summarized=pages.shape[0])
-        tier.save(li, key[:n], value[:n], job.host_slots[a:b])
+        if s > a:
+            tier.save(li, key[: s - a], value[: s - a], job.host_slots[a:s])
         return output
 
     def _summarize_pages(self, meta, pages, slots) -> None:
@@ -195,12 +201,23 @@ class SparseServeImpl(AttentionImpl):
         meta[slots] = fresh
 
     def _dense_from_host(self, tier, q, key, value, out, query_start_loc, seq_lens, block_table, offset: int) -> None:
-        """Dense causal attention of the rows `offset + query_start_loc[r] ..`, context gathered from host DRAM."""
+        """Dense causal attention of the rows `offset + query_start_loc[r] ..`, context gathered from host DRAM; a
+        prompt's last token whose layer-segmented prefill kept its attention output (`rt.segment_last`) takes that
+        instead, when its row is the step's only one-token row of that length."""
         bs = tier.host.block_size
         qsl = [int(x) + offset for x in query_start_loc]
-        for r, length in enumerate(int(x) for x in seq_lens):
+        lengths = [int(x) for x in seq_lens]
+        kept = self.runtime.segment_last
+        if kept:
+            ones = [n for r, n in enumerate(lengths) if qsl[r + 1] - qsl[r] == 1]
+            kept = {n: o for n, o in kept.items() if ones.count(n) == 1}
+        for r, length in enumerate(lengths):
             a, b = qsl[r], qsl[r + 1]
             if a == b:
+                continue
+            if b - a == 1 and length in kept:
+                out[a] = kept[length][self._layer_idx]
+                self.runtime.count(segment_last_token_layers=1)
                 continue
             k, v = tier.gather_context(self._layer_idx, block_table[r, : -(-length // bs)], length, key[a:b], value[a:b])
             out[a:b] = self._attend_context(q[a:b], k.transpose(0, 1), v.transpose(0, 1))
@@ -213,8 +230,9 @@ class SparseServeImpl(AttentionImpl):
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
 
         qlen, length = q.shape[0], k.shape[0]
-        cu_q = torch.tensor([0, qlen], dtype=torch.int32, device=q.device)
-        cu_k = torch.tensor([0, length], dtype=torch.int32, device=q.device)
+        # [0, n] made on the device: a tensor built from a host list is a pageable copy, which waits for the stream
+        cu = torch.arange(2, dtype=torch.int32, device=q.device)
+        cu_q, cu_k = cu * qlen, cu * length
         return flash_attn_varlen_func(
             q=q, k=k.contiguous(), v=v.contiguous(), max_seqlen_q=qlen, cu_seqlens_q=cu_q, max_seqlen_k=length,
             cu_seqlens_k=cu_k, softmax_scale=self.scale, causal=True, fa_version=get_flash_attn_version(),

@@ -31,6 +31,7 @@ _HELP = {
     "segment_token_layers": "Prompt tokens x layers run by layer-segmented prefill",
     "segment_steps": "Engine steps that ran layer-segmented prefill work",
     "segment_steps_with_decodes": "Engine steps that ran layer-segmented prefill work beside decode requests",
+    "segment_last_token_layers": "Layers whose attention for a prompt's last token was kept from its layer-segmented prefill",
     "segment_peak_bytes": "Most HBM bytes one layer-segmented prefill held (hidden states + one layer's KV)",
     "working_set_bytes": "Estimated HBM working set (bytes) of the decode requests scheduled in the last step",
     "batch_cap": "Decode requests the HBM working set let run in the last step (working-set-aware batch size)",

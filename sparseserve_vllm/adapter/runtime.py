@@ -1,7 +1,8 @@
 """`SparseRuntime`: the per-process state shared by the SparseServe builder and every layer's impl.
 
 Contract:
-- One runtime per worker process (`get_runtime`); it owns the parsed `SparseServeConfig`, the KV geometry, one
+- One runtime per worker process and engine (`get_runtime`: a later engine in the same process, as with
+  `VLLM_ENABLE_V1_MULTIPROCESSING=0`, gets a fresh one and the previous one's statistics thread stops); it owns the parsed `SparseServeConfig`, the KV geometry, one
   `SparseDecodeWrapper` whose buffers every layer reuses (layers run one after another), the page metadata tensor
   of each layer, the `OffloadTier` when `offload` is on, and the statistics counters.
 - The builder makes the wrapper once (`make_wrapper`, planned for the largest batch and context, so its buffers
@@ -51,7 +52,9 @@ _RUNTIME: "SparseRuntime | None" = None
 
 def get_runtime(vllm_config) -> "SparseRuntime":
     global _RUNTIME
-    if _RUNTIME is None:
+    if _RUNTIME is None or not _RUNTIME.serves(vllm_config):
+        if _RUNTIME is not None:
+            _RUNTIME.stop()
         _RUNTIME = SparseRuntime(sparseserve_config(vllm_config), vllm_config)
     return _RUNTIME
 
@@ -59,6 +62,7 @@ def get_runtime(vllm_config) -> "SparseRuntime":
 class SparseRuntime:
     def __init__(self, cfg: SparseServeConfig, vllm_config) -> None:
         self.cfg = cfg
+        self._engine = (vllm_config.instance_id, vllm_config.cache_config)
         self.max_num_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         # Layer-segmented prefill: its work per step (token x layer units) and so the most tokens of one layer it
         # saves at once (at most a whole prompt); FlashD2H's ring holds two such saves, so a layer's save never
@@ -77,11 +81,26 @@ class SparseRuntime:
         self.ws_tracker = None  # offload: WorkingSetTracker, made with the tier
         self.model = None  # layer-segmented prefill: the loaded model (patches/model_loader.py)
         self.step_decodes = 0  # decode requests of the step being run (builder), read by layer-segmented prefill
+        # layer-segmented prefill: {request length: last-token attention outputs [layers, heads, head dim]} of the
+        # requests whose last prompt token this step runs (set before the forward, cleared after it)
+        self.segment_last: dict = {}
         self._ws_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (first block ids [R], owned pages [R, P])
         self._ws_open = False  # a step with selections was noted since the last end_step
         self.counters = stats.process_counters()
         self._stats_dir = stats.ensure_stats_dir()
+        self._stopped = threading.Event()
         threading.Thread(target=self._publish_loop, name="sparseserve-stats", daemon=True).start()
+
+    def serves(self, vllm_config) -> bool:
+        """Is `vllm_config` the engine's this runtime was made for? Copies of it keep its `instance_id` (pickled to
+        worker processes, deep copies); `with_hf_config` views of it (a multimodal model's language model) get a new
+        `instance_id` but share its sub-configs."""
+        instance_id, cache_config = self._engine
+        return vllm_config.instance_id == instance_id or vllm_config.cache_config is cache_config
+
+    def stop(self) -> None:
+        """End the statistics thread (a later engine in this process made its own runtime)."""
+        self._stopped.set()
 
     # ---- geometry and planning (builder, host side) ----
     def bind_geometry(self, *, block_size: int, num_kv_heads: int, head_size: int, num_layers: int) -> None:
@@ -136,8 +155,7 @@ class SparseRuntime:
         """Publish changed counters twice a second; log the summary line every `stats_interval_s`."""
         published: dict[str, int] = {}
         last_log = time.monotonic()
-        while True:
-            time.sleep(0.5)
+        while not self._stopped.wait(0.5):
             tier = self.tier
             if tier is not None:  # host copies only: this thread must not touch the GPU (see OffloadTier)
                 self.counters.values.update(tier.last_stats)

@@ -14,17 +14,22 @@ How it fits vLLM (no model or runner override):
   scratch, writes the page metadata of the pages that filled, and saves the new KV to host DRAM with FlashD2H.
   Between steps the job keeps the hidden states and residual of every prompt token, so decodes of other requests
   run through all layers in the same engine steps (hybrid batching).
-- When a job's last layer is done the worker reports it in `finished_recving`; vLLM moves the request back to
-  WAITING with `num_tokens - 1` computed tokens and schedules its last prompt token like any other, which samples
-  the first output token.
+- A job runs every prompt token through every layer, the last one too, but saves the KV of all but the last (vLLM
+  has allocated blocks for those only). When its last layer is done the worker reports it in `finished_recving`;
+  vLLM moves the request back to WAITING with `num_tokens - 1` computed tokens and schedules its last prompt token
+  like any other, which samples the first output token. The job keeps that token's attention output of every layer
+  (`SegmentJob.last`, [layers, heads, head dim]); the step that runs the token (named by the scheduler in
+  `last_token_reqs`) uses it instead of reloading the whole prompt's KV of every layer from host DRAM
+  (`SparseRuntime.segment_last`, keyed by the request's length; the impl takes it only for a one-token prefill row
+  of that length that is alone of its kind in the step, and reloads otherwise).
 - HBM held by a job: its hidden states and residual (2 x tokens x hidden size) and ONE layer's KV of its prompt
   (tokens x KV heads x 2 x head dim); nothing in the HBM page cache. Only the oldest unfinished jobs hold buffers
   (they are made at a job's first unit and freed at its last).
 - A request that finishes (is aborted) during its prefill is dropped and reported finished, so vLLM frees its blocks.
 - Supported models: those whose inner model runs `hidden, residual = layer(positions, hidden, residual)` over
   `embed_input_ids` exactly as vLLM's `LlamaModel` and `Qwen2Model` do (`SEGMENTED_ARCHITECTURES`).
-- Statistics: `segment_token_layers`, `segment_steps`, `segment_steps_with_decodes`, `dense_tokens` (counters) and
-  `segment_peak_bytes` (gauge: the most bytes one job's buffers held).
+- Statistics: `segment_token_layers`, `segment_steps`, `segment_steps_with_decodes`, `segment_last_token_layers`,
+  `dense_tokens` (counters) and `segment_peak_bytes` (gauge: the most bytes one job's buffers held).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ SEGMENTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 @dataclass
 class SegmentJobSpec:
-    """Scheduler -> workers: a prompt to prefill layer by layer."""
+    """Scheduler -> workers: a prompt to prefill layer by layer (all its tokens; the last one's KV is not saved)."""
 
     req_id: str
     token_ids: list[int]
@@ -63,15 +68,27 @@ class SegmentJob:
     hidden: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     positions: torch.Tensor | None = None
-    host_slots: torch.Tensor | None = None  # [n] logical slot of every prompt token
+    host_slots: torch.Tensor | None = None  # [n - 1] logical slot of every prompt token but the last
     block_ids: torch.Tensor | None = None
     k: torch.Tensor | None = None  # [n, Hkv, D]: the KV of the layer being run
     v: torch.Tensor | None = None
+    last: torch.Tensor | None = None  # [layers, heads, head dim]: the last token's attention output of each layer
     buffers: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return self.progress.num_tokens
+
+    @property
+    def num_saved(self) -> int:
+        """Tokens whose KV goes to host DRAM: all but the last (vLLM writes that one's KV when it runs it)."""
+        return self.progress.num_tokens - 1
+
+    def keep_last(self, layer: int, out: torch.Tensor) -> None:
+        """Keep the last token's attention output `out` ([heads, head dim]) of `layer`."""
+        if self.last is None:
+            self.last = torch.empty((self.progress.num_layers, *out.shape), dtype=out.dtype, device=out.device)
+        self.last[layer] = out
 
     def start(self, embed, block_size: int, device: torch.device) -> None:
         n = self.num_tokens
@@ -80,7 +97,8 @@ class SegmentJob:
         self.residual = torch.empty_like(self.hidden)
         self.positions = torch.arange(n, dtype=torch.long, device=device)
         self.block_ids = torch.tensor(self.spec.block_ids, dtype=torch.long, device=device)
-        self.host_slots = self.block_ids[self.positions // block_size] * block_size + self.positions % block_size
+        saved = self.positions[: self.num_saved]
+        self.host_slots = self.block_ids[saved // block_size] * block_size + saved % block_size
         self.buffers = [self.hidden, self.residual]
 
     def scratch(self, num_kv_heads: int, head_size: int, dtype: torch.dtype, device: torch.device):
@@ -108,6 +126,7 @@ class SegmentJob:
 
     def release(self) -> None:
         self.hidden = self.residual = self.positions = self.host_slots = self.block_ids = self.k = self.v = None
+        self.last = None
         self.buffers = []
 
 
@@ -142,6 +161,9 @@ class SegmentedPrefill:
         self.rt = runtime
         self.vllm_config = vllm_config
         self.jobs: dict[str, SegmentJob] = {}
+        # finished jobs' (length, last-token attention outputs), until the step that runs that token
+        self.last: dict[str, tuple[int, torch.Tensor]] = {}
+        self._last_reqs: list[str] = []  # the requests whose last token this step runs
         self._view: _ModelView | None = None
         self._device: torch.device | None = None
 
@@ -160,10 +182,26 @@ class SegmentedPrefill:
             for spec in specs:
                 self.jobs[spec.req_id] = SegmentJob(spec, SegmentProgress(len(spec.token_ids), layers))
 
+    def bind_step(self, last_token_reqs: list[str]) -> None:
+        """Before the step's forward: offer the kept attention outputs of the requests whose last prompt token it runs
+        (`rt.segment_last`, by request length; lengths shared by two such requests are left out)."""
+        self._last_reqs = last_token_reqs
+        by_len: dict[int, torch.Tensor | None] = {}
+        for req_id in last_token_reqs:
+            if req_id in self.last:
+                n, out = self.last[req_id]
+                by_len[n] = None if n in by_len else out
+        self.rt.segment_last = {n: out for n, out in by_len.items() if out is not None}
+
     def step(self, finished_req_ids) -> set[str]:
         """Drop finished requests' jobs, run this step's units; the request ids whose prefill ended."""
+        self.rt.segment_last = {}
+        for req_id in self._last_reqs:  # their last token ran in this step's forward
+            self.last.pop(req_id, None)
+        self._last_reqs = []
         done = set()
         for req_id in finished_req_ids or ():
+            self.last.pop(req_id, None)
             job = self.jobs.pop(req_id, None)
             if job is not None:
                 job.release()
@@ -180,10 +218,14 @@ class SegmentedPrefill:
                 self._run(view, jobs[i], layer, start, end)
                 counters["segment_peak_bytes"] = max(counters["segment_peak_bytes"], jobs[i].nbytes)
         work = sum(end - start for _, _, start, end in plan)
-        self.rt.count(segment_token_layers=work, dense_tokens=work, segment_steps=1,
+        # the last prompt token's query counts where vLLM runs it (a prefill row, which takes the kept output)
+        dense = sum(max(min(end, jobs[i].num_saved) - start, 0) for i, _, start, end in plan)
+        self.rt.count(segment_token_layers=work, dense_tokens=dense, segment_steps=1,
                       segment_steps_with_decodes=int(with_decodes > 0))
         for job in jobs:
             if job.progress.done:
+                if job.last is not None:
+                    self.last[job.spec.req_id] = (job.num_tokens, job.last)
                 job.release()
                 del self.jobs[job.spec.req_id]
                 done.add(job.spec.req_id)

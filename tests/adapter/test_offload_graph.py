@@ -37,7 +37,8 @@ def make_runtime(monkeypatch):
         mp.setattr(runtime_module.threading, "Thread", lambda **kw: SimpleNamespace(start=lambda: None))
         rt = runtime_module.SparseRuntime(
             cfg, SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=64),
-                                 attention_config=SimpleNamespace(backend=None)))  # not selected: no segmented prefill
+                                 attention_config=SimpleNamespace(backend=None),  # not selected: no segmented prefill
+                                 instance_id="offload-graph", cache_config=SimpleNamespace()))
     rt.bind_geometry(block_size=BS, num_kv_heads=HKV, head_size=D, num_layers=LAYERS)
     rt.set_logical_blocks(BLOCKS)
     rt.wrapper = SparseDecodeWrapper(HQ, HKV, D, PS, PPB, token_budget=cfg.token_budget, sink_pages=1,

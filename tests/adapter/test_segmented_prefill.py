@@ -45,16 +45,37 @@ def test_same_tokens_as_plain_prefill_with_decodes_in_the_same_steps(tiny_model,
     assert all(len(set(t)) >= 3 for t in reference), reference  # a real continuation
     assert got == reference
     d = delta(before, after)
-    # Each long prompt but its last token, through every layer, exactly once.
-    assert d["segment_token_layers"] == LAYERS * (299 + 499), d
-    # 299 tokens run one whole layer a step (6 steps); 499 > 384 runs chunks (8 steps); both take several steps,
+    # Each long prompt, its last token too, through every layer, exactly once; the step that ran each last token took
+    # its attention output from the prefill in every layer (no context reloaded).
+    assert d["segment_token_layers"] == LAYERS * (300 + 500), d
+    assert d["segment_last_token_layers"] == LAYERS * 2, d
+    # 300 tokens run one whole layer a step (6 steps); 500 > 384 runs chunks (8 steps); both take several steps,
     # and the short requests decoded in most of them.
     assert d["segment_steps"] >= 12 and d["segment_steps_with_decodes"] >= 8, d
     # The most a prefill held: hidden states and residual of its tokens plus ONE layer's KV of its prompt.
-    n = 499
+    n = 500
     one_layer_kv = n * KV_HEADS * 2 * HEAD_DIM * ELT
     assert after["segment_peak_bytes"] == 2 * n * HIDDEN * ELT + one_layer_kv, after
     assert one_layer_kv * LAYERS > after["segment_peak_bytes"]
+
+
+def test_last_tokens_of_equal_length_in_one_step_reload_their_context(tiny_model, monkeypatch):
+    """Two prompts of one length whose prefills end in the same step: their last tokens run in one step, and a
+    one-token row cannot be told apart by its length, so both reload their context from host DRAM (same tokens)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # both requests reach the scheduler before its first step
+    model = tiny_model("llama", num_layers=LAYERS)
+    rng = random.Random(2)
+    pair = [[rng.randrange(3, 500) for _ in range(300)] for _ in range(2)]
+    with engine(model, "sparseserve", SS, max_model_len=1024, max_num_batched_tokens=1024) as llm:
+        reference = greedy(llm, pair, max_tokens=8)
+    before = stats.read_totals()
+    with engine(model, "sparseserve", dict(OFFLOAD, max_inject_tokens=2 * 300 * LAYERS), **KW) as llm:
+        got = greedy(llm, pair, max_tokens=8)
+        time.sleep(1.2)
+        d = delta(before, stats.read_totals())
+    assert got == reference
+    assert d["segment_token_layers"] == 2 * 300 * LAYERS and d["segment_steps"] == 1, d
+    assert d["segment_last_token_layers"] == 0, d
 
 
 def check_page_metadata(full_pages: int) -> None:
@@ -89,9 +110,13 @@ def test_the_prompt_kv_bypasses_the_hbm_cache_and_an_aborted_prefill_frees_its_b
         time.sleep(1.2)
         one = delta(before, stats.read_totals())
         # Only the prompt's last token went through the HBM page cache: its page, once per layer and KV head
-        # (chunked prefill makes every page of the prompt resident in every layer).
-        assert one["segment_token_layers"] == LAYERS * (len(long_prompt) - 1)
+        # (chunked prefill makes every page of the prompt resident in every layer), and only that page came back
+        # from host DRAM (the last token's attention was kept from the prefill, no context reloaded).
+        assert one["segment_token_layers"] == LAYERS * len(long_prompt)
         assert one["hbm_misses"] + one["hbm_hits"] <= LAYERS * KV_HEADS, one
+        page_bytes = SS["page_size"] * 2 * HEAD_DIM * ELT
+        assert one["segment_last_token_layers"] == LAYERS, one
+        assert one["bytes_h2d"] <= LAYERS * KV_HEADS * page_bytes, one
         check_page_metadata(full_pages=(len(long_prompt) - 1) // SS["page_size"])
         # A request for prompt log-probabilities needs logits of every prompt token: vLLM's chunked prefill runs it.
         out = llm.generate([TokensPrompt(prompt_token_ids=long_prompt)],

@@ -41,6 +41,7 @@ def test_tp2_equals_vllm_backend(tiny_model, monkeypatch):
         after = stats.read_totals()
     assert got == dense
     assert after["hbm_evictions"] > before["hbm_evictions"]
-    # Both ranks ran every unit: 2 x 2 layers x (899 + 399) token-layers.
-    assert after["segment_token_layers"] - before["segment_token_layers"] == 2 * 2 * (899 + 399), after
+    # Both ranks ran every unit: 2 x 2 layers x (900 + 400) token-layers, and took both last tokens' attention from it.
+    assert after["segment_token_layers"] - before["segment_token_layers"] == 2 * 2 * (900 + 400), after
+    assert after["segment_last_token_layers"] - before["segment_last_token_layers"] == 2 * 2 * 2, after
     assert after["hbm_pages_in_use"] == 0 and after["host_blocks_in_use"] == 0, after
