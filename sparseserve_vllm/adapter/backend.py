@@ -185,7 +185,9 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
         if not self._capturing:
             rt.step_decodes = nd
             self._count(nd, ndt, cm.num_actual_tokens, seq_lens_cpu[:nd], summarize.numel())
-        if npf == 0 and self.device.type == "cuda" and not rt.cfg.offload:  # full CUDA graphs may replay it
+        # Full CUDA graphs may replay any batch of one-token rows (vLLM's uniform decode ignores `is_prefilling`, so a
+        # prompt's last token after a prefix-cache hit rides along as a decode): its summaries go to the graph's buffer.
+        if cm.max_query_len <= 1 and self.device.type == "cuda" and not rt.cfg.offload:
             self._decode_summaries[summarize.numel():].fill_(-1)
             self._decode_summaries[: summarize.numel()].copy_(summarize)
             summarize = self._decode_summaries
