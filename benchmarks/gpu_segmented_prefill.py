@@ -126,7 +126,7 @@ def part_prefill(args, model, out):
     res = {"long_len": args.long_len, "mid_len": args.mid_len, "chunk": args.chunk, "runs": {}}
     run_systems(model, prefill_systems(args), args.long_len + 64, body, res, out)
     runs = res["runs"]
-    n = args.long_len - 1
+    n = args.long_len  # a job holds every prompt token, the last one too (its attention output is kept)
     res["segment_bound_bytes"] = 2 * n * HIDDEN * 2 + n * KV_HEADS * 2 * HEAD_DIM * 2
     for key in ("mid_s", "long_s"):
         for ref in ("plain", "chunked"):

@@ -196,7 +196,9 @@ class SparseServeMetadataBuilder(AttentionMetadataBuilder[SparseServeMetadata]):
         if not self._capturing:
             rt.step_decodes = nd
             self._count(nd, ndt, cm.num_actual_tokens, seq_lens_cpu[:nd], summarize.numel())
-        if npf == 0 and self.device.type == "cuda" and (self._full_graphs or self._capturing):  # a graph may replay it
+        # Full CUDA graphs may replay any batch of one-token rows (vLLM's uniform decode ignores `is_prefilling`, so a
+        # prompt's last token after a prefix-cache hit rides along as a decode): its summaries go to the graph's buffer.
+        if cm.max_query_len <= 1 and self.device.type == "cuda" and (self._full_graphs or self._capturing):
             summarize = self._persistent_summaries(summarize, cm.num_reqs)
         if rt.cfg.offload:
             rt.begin_step(cm.block_table_tensor[:nd], seq_lens_cpu[:nd], selects=nd > 0 and self.num_sparse_layers > 0)

@@ -2,9 +2,10 @@
 
 Contract:
 - One runtime per worker process and engine (`get_runtime`: a later engine in the same process, as with
-  `VLLM_ENABLE_V1_MULTIPROCESSING=0`, gets a fresh one and the previous one's statistics thread stops); it owns the parsed `SparseServeConfig`, the KV geometry, one
-  `SparseDecodeWrapper` whose buffers every layer reuses (layers run one after another), the page metadata tensor
-  of each layer, the `OffloadTier` when `offload` is on, and the statistics counters.
+  `VLLM_ENABLE_V1_MULTIPROCESSING=0`, gets a fresh one and the previous one's statistics thread stops); it owns the
+  parsed `SparseServeConfig`, the KV geometry, one `SparseDecodeWrapper` whose buffers every layer reuses (layers
+  run one after another), the page metadata tensor of each layer, the `OffloadTier` when `offload` is on, and the
+  statistics counters.
 - The builder makes the wrapper once (`make_wrapper`, planned for the largest batch and context, so its buffers
   never move and CUDA graphs captured over them stay valid) and calls `decode_counts` / `filled_page_slots` /
   `count` once per step (host side: with full CUDA graphs the impls' Python does not run at replay); impls use

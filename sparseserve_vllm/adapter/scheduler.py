@@ -22,8 +22,8 @@ Contract:
       layer-segmented prefill always (it holds no HBM cache pages, `adapter/segmented_prefill.py`; its last
       prompt token then needs one page per layer and KV head, and from then on it is a decode request like the
       others); any other only while no request is parked and its first chunk's exact prefill need fits in what is
-      left (the first one always when nothing runs). vLLM sees only that prefix (the other waiting requests are hidden from its queues for the step) and
-      `max_num_running_reqs` is lowered to what it admits.
+      left (the first one always when nothing runs). vLLM sees only that prefix (the other waiting requests are
+      hidden from its queues for the step) and `max_num_running_reqs` is lowered to what it admits.
   Every request completes: the head of the running queue always runs, and the others move up as it finishes.
 - Working sets arrive from the workers through the connector (`SparseServeWorkerMetadata`: the step number and
   `{first block id: bytes}`); the step number maps each first block id back to the request it belonged to in that

@@ -10,9 +10,8 @@ the per-layer tensors with ONE tensor of `hbm_cache_gib` shared by every attenti
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 
 import vllm.v1.engine.core as engine_core
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig, KVCacheTensor
