@@ -43,6 +43,11 @@ Contract:
   performs no host synchronization, no boolean-mask indexing and no `unique`/`nonzero`: it sorts N ids and scans
   a W-slot window (W defaults to num_slots: then step 4 happens only when the cache truly cannot hold the misses
   without evicting a protected slot; a smaller `window` is cheaper but can leave pages unplaced earlier).
+  The scan itself stops early without changing any result: a scope protects at most as many slots as the ids its
+  resolves were given (each distinct id touches or takes one slot), so the first `min(W, ids of the scope so far
+  including this call)` window positions always hold a takeable slot for every miss of this call, and the misses
+  take the same slots as over all W. (The count of a scope's ids is Python state that depends on argument shapes
+  only, so a captured CUDA graph replays the same scan length.)
 - Errors of `resolve` are deferred: `check()` synchronizes once and raises `ValueError` if bad ids were passed,
   else `CacheCapacityError` if pages were left unplaced, since the last `check()` (then clears both counts);
   `begin_step()` calls it. Both take an optional `extra` int64 tensor that is read in the same sync (the tier
@@ -99,6 +104,7 @@ class PageCache:
         self.hits, self.misses, self.evictions = self._counts[0], self._counts[1], self._counts[2]
         self._stamp = torch.zeros((), dtype=torch.int64, device=self.device)
         self.last_read: list[int] = []  # the `extra` values of the last `check`
+        self._scope_ids = 0  # ids passed to `resolve` in the current scope: bounds the slots it protects
         self._sort_ring()
 
     # ----------------------------------------------------------------------------------------------------- state
@@ -174,6 +180,7 @@ class PageCache:
         eviction ring recomputed."""
         values = self.check(extra)
         self._stamp.add_(1)
+        self._scope_ids = 0
         self._sort_ring()
         return values
 
@@ -184,6 +191,7 @@ class PageCache:
     def begin_layer(self) -> None:
         """Start a new protection scope inside the step (slots of earlier scopes become takeable); on the device."""
         self._stamp.add_(1)
+        self._scope_ids = 0
 
     def reset(self) -> None:
         self._resident.fill_(-1)
@@ -191,6 +199,7 @@ class PageCache:
         self._last_use.fill_(-1)
         self._counts.zero_()
         self._stamp.zero_()
+        self._scope_ids = 0
         self._sort_ring()
 
     def lookup(self, layer: int, pages: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
@@ -240,13 +249,16 @@ class PageCache:
         self._last_use.index_put_((cached.to(torch.int64) + 1,), self._stamp)  # hits touched; others -> trash
         miss = first & (cached < 0)
         miss_rank = torch.cumsum(miss, 0)  # k-th missing page (1-based) at its first copy
-        # Window of the eviction ring from the cursor; its takeable slots ranked in window order.
-        cand = self._ring[self._cursor + self._window_pos]  # slot + 1
+        # Window of the eviction ring from the cursor, scanned as far as this scope's ids can protect slots (see the
+        # module docstring); its takeable slots ranked in window order.
+        self._scope_ids += n
+        w = min(self.window, self._scope_ids)
+        cand = self._ring[self._cursor + self._window_pos[:w]]  # slot + 1
         take_rank = torch.cumsum(self._last_use[cand] < self._stamp, 0)
         num_miss, num_takeable = miss_rank[-1:], take_rank[-1:]
         pos = torch.searchsorted(take_rank, miss_rank)  # window position of the miss_rank-th takeable slot
         placed = miss & (miss_rank <= num_takeable)
-        victim = torch.where(placed, cand[pos.clamp_max(self.window - 1)], 0)  # slot + 1; 0 (trash) if none
+        victim = torch.where(placed, cand[pos.clamp_max(w - 1)], 0)  # slot + 1; 0 (trash) if none
         old = self._owner[victim]
         self._resident.index_fill_(0, old, -1)  # evicted keys (a free slot's owner 0 is trash)
         new_keys = torch.where(placed, keys, 0)

@@ -250,6 +250,28 @@ def test_window_limits_the_scan():
         cache.begin_step()
 
 
+def test_scan_stops_after_the_scopes_ids_with_the_same_result(monkeypatch):
+    """A scope protects at most one slot per id it resolved, so `resolve` scans only that many ring positions more than
+    the call's own ids; here the protected slots sit at the front of the ring (the worst case) and every miss still
+    gets the slot the full scan (the reference) gives it."""
+    cache, ref = PageCache(1, 1000, 200), RefCache(1, 1000, 200)
+    lengths = []
+    cumsum = torch.cumsum
+    monkeypatch.setattr(torch, "cumsum", lambda x, dim: lengths.append(x.numel()) or cumsum(x, dim))
+    fill = list(range(200))
+    assert [t.tolist() for t in cache.resolve(0, _t(fill))] == list(ref.resolve(0, fill))
+    for step in range(3):
+        cache.begin_step()
+        ref.begin_step()
+        lengths.clear()
+        ring = cache.owner[cache._ring[:50] - 1].tolist()  # the pages of the 50 least recently used slots
+        new = list(range(200 + 50 * step, 250 + 50 * step))
+        for ids in (ring, new):  # touch the ring's front, then 50 misses: 100 positions hold exactly 50 takeable
+            assert [t.tolist() for t in cache.resolve(0, _t(ids))] == list(ref.resolve(0, ids))
+        assert max(lengths) == 100 and ref.evictions == 50 * (step + 1)
+    _assert_same_state(cache, ref)
+
+
 def test_duplicates_counted_once_and_invalidate_frees():
     cache = PageCache(num_layers=3, num_logical_pages=8, num_slots=8)
     cache.resolve(1, _t([2, 2, 2, 4]))
