@@ -483,6 +483,79 @@ def plot_segmented(results: Path, pre_name: str, load_name: str, out_name: str, 
     save(fig, results / out_name)
 
 
+def plot_set9(results: Path, tag: str, title_suffix: str) -> None:
+    """Fifth set: offload decode in full CUDA graphs, batch control with it, segmented prefill and its profile."""
+    graphs = load(results, f"offload-graphs-{tag}.json")
+    graphs1 = load(results, f"offload-graphs-{tag}-batch1.json")
+    bc = load(results, f"batch-control-graphs-{tag}.json")
+    pre = load(results, f"segmented-prefill-{tag}-set9.json")
+    prof = load(results, f"segmented-profile-{tag}.json")
+    if None in (graphs, graphs1, bc, pre, prof):
+        return
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(20, 5.2))
+    shapes = [(graphs, f"{graphs['prompts']} x {graphs['input_len'] // 1024}K,\n"
+                       f"{graphs['sparseserve']['hbm_cache_gib']:g} GiB cache"),
+              (graphs1, f"{graphs1['prompts']} x {graphs1['input_len'] // 1024}K,\n"
+                        f"{graphs1['sparseserve']['hbm_cache_gib']:g} GiB cache")]
+    width = 0.38
+    for i, (mode, color) in enumerate((("eager", "tab:gray"), ("full_decode_graphs", "tab:purple"))):
+        vals = [d["runs"][mode]["decode_ms_per_step"] for d, _ in shapes]
+        bars = ax1.bar([x + (i - 0.5) * width for x in range(2)], vals, width, color=color,
+                       label="eager" if i == 0 else "full decode CUDA graphs")
+        label_bars(ax1, bars, "{:.1f} ms", 8)
+    ax1.set_xticks(range(2))
+    ax1.set_xticklabels([lab for _, lab in shapes], fontsize=8)
+    ax1.set_ylabel("offload decode step (ms)")
+    ax1.legend(fontsize=8)
+    ax1.set_title(f"Offload decode: graphs {graphs['runs']['eager']['decode_ms_per_step'] / graphs['runs']['full_decode_graphs']['decode_ms_per_step']:.2f}x"
+                  f" / {graphs1['runs']['eager']['decode_ms_per_step'] / graphs1['runs']['full_decode_graphs']['decode_ms_per_step']:.2f}x faster,"
+                  f" tokens equal {graphs['tokens_same']}, {graphs1['tokens_same']}", fontsize=9)
+    runs = {r["batch_control"]: r for r in bc["runs"]}
+    vals = [runs[True]["output_tok_s"], runs[False]["output_tok_s"]]
+    bars = ax2.bar(range(2), vals, color=["tab:blue", "tab:orange"])
+    label_bars(ax2, bars, "{:.3g}", 9)
+    ax2.set_xticks(range(2))
+    ax2.set_xticklabels([f"control {n}\nlargest batch {runs[c]['max_batch_cap']}\n"
+                         f"{runs[c]['gib_loaded_per_step']:.2f} GiB loaded/step" for n, c in (("on", True), ("off", False))],
+                        fontsize=8)
+    ax2.set_ylabel("output tokens/s, decode phase")
+    ax2.set_title(f"Batch control in graphs ({bc['requests']} x {bc['context'] // 1024}K, {bc['cache_gib']:g} GiB cache):"
+                  f"\n{bc['throughput_on_vs_off']}x throughput (goal 1.3x), {bc['loads_off_vs_on']}x fewer loads (goal 10x)",
+                  fontsize=9)
+    names = ["plain", "chunked", "segmented", "offload-chunked"]
+    colors = ["tab:green", "tab:gray", "tab:blue", "tab:orange"]
+    for i, (n, c) in enumerate(zip(names, colors)):
+        vals = [pre["runs"][n]["mid_s"] / pre["runs"]["plain"]["mid_s"], pre["runs"][n]["long_s"] / pre["runs"]["plain"]["long_s"]]
+        bars = ax3.bar([x + (i - 1.5) * 0.2 for x in range(2)], vals, 0.2, color=c, label=n)
+        label_bars(ax3, bars, "{:.2f}", 7)
+    ax3.axhline(1.05, color="k", lw=0.8, ls="--")
+    ax3.set_xticks(range(2))
+    ax3.set_xticklabels([f"{pre['mid_len'] // 1024}K prompt (plain {pre['runs']['plain']['mid_s']:.2f} s)",
+                         f"{pre['long_len'] // 1024}K prompt (plain {pre['runs']['plain']['long_s']:.2f} s)"], fontsize=8)
+    ax3.set_ylabel("time to first token / plain (dashed: goal 1.05)")
+    ax3.legend(fontsize=8)
+    ax3.set_title(f"Prefill alone: segmented / plain = {pre['segmented_vs_plain_mid_s']}x (32K), "
+                  f"{pre['segmented_vs_plain_long_s']}x (128K)", fontsize=9)
+    cats = ["gemm", "attention", "sparseserve:flash_d2h_scatter", "other", "memcpy_other"]
+    bottom = [0.0, 0.0]
+    for cat, color in zip(cats, ["tab:green", "tab:blue", "tab:orange", "tab:gray", "tab:brown"]):
+        vals = [prof["runs"][r]["categories"].get(cat, {}).get("ms", 0.0) for r in ("plain", "segmented")]
+        ax4.bar(range(2), vals, 0.6, bottom=bottom, color=color, label=cat)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    spans = [prof["runs"][r]["span_ms"] for r in ("plain", "segmented")]
+    ax4.scatter(range(2), spans, color="k", marker="_", s=900, zorder=3, label="trace span (GPU busy + idle)")
+    ax4.set_xticks(range(2))
+    ax4.set_xticklabels(["plain", "segmented"], fontsize=8)
+    ax4.set_ylabel(f"GPU kernel time, one {prof['mid_len'] // 1024}K prefill (ms)")
+    ax4.set_ylim(0, max(spans) * 1.45)
+    ax4.legend(fontsize=7, loc="upper left", ncol=2)
+    ax4.set_title(f"Profile: attention {prof['segmented_vs_plain_attention']}x (goal <= 1.05), GPU busy "
+                  f"{prof['segmented_vs_plain_busy']}x,\nall kernels {prof['segmented_vs_plain_kernel']}x, "
+                  f"profiled TTFT {prof['segmented_vs_plain_profiled_ttft']}x", fontsize=9)
+    fig.suptitle(f"Fifth set, Llama-3.1-8B shape: {title_suffix}", fontsize=10)
+    save(fig, results / f"set9-{tag}.png")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
@@ -501,6 +574,7 @@ def main() -> None:
                    f"segmented-prefill-{tag}.png", suffix)
     plot_segmented(results, f"segmented-prefill-{tag}-ring2.json", f"segmented-load-{tag}-decode-out-256.json",
                    f"segmented-prefill-{tag}-set8.png", f"{a.machine} (GPU 0 of an x2 machine), {a.date}")
+    plot_set9(results, tag, suffix)
 
 
 if __name__ == "__main__":
