@@ -45,12 +45,12 @@ from torch_trace import load_trace_events, summarize_trace  # noqa: E402
 LAYERS, HIDDEN, KV_HEADS, HEAD_DIM = 32, 4096, 8, 128  # Llama-3.1-8B (the bound of `--part prefill` only)
 
 
-def make_llm(model, sparseserve, max_model_len, chunk, max_num_seqs=8, **kw):
+def make_llm(model, sparseserve, max_model_len, chunk, max_num_seqs=8, gpu_memory_utilization=0.85, **kw):
     from vllm import LLM
 
     return LLM(model=model, load_format="dummy", attention_backend="sparseserve", max_model_len=max_model_len,
-               gpu_memory_utilization=0.85, skip_tokenizer_init=True, enable_prefix_caching=False, seed=0,
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=chunk, optimization_level=0,
+               gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True, enable_prefix_caching=False,
+               seed=0, max_num_seqs=max_num_seqs, max_num_batched_tokens=chunk, optimization_level=0,
                compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"},
                additional_config={"sparseserve": dict(sparseserve, token_budget=2048, stats_interval_s=0)}, **kw)
 
