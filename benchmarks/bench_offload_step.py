@@ -7,8 +7,9 @@ It replays, for `--layers` layers (Llama-3.1-8B KV shape: Hkv 8, D 128, bf16, bl
 exactly the calls `SparseServeImpl._forward_offload` makes for a batch of `--batch` decode requests of `--context`
 tokens each: `OffloadTier.begin_layer / write_new / resident_slots` (page summaries), the sparse decode
 wrapper with the tier's `translate` (page-cache resolve + FlashH2D of the misses), the working-set record and
-`OffloadTier.save_inline`. The pages to summarize and `OffloadTier.begin_step` (the step's one host sync) run once
-per step, as vLLM's metadata builder does, so the per-layer sequence is free of host syncs. The host
+`OffloadTier.save_inline`. The pages to summarize and `OffloadTier.begin_step` (no host sync: it reads the previous
+step's snapshot of the counters) run once per step, as vLLM's metadata builder does, so the per-layer sequence is
+free of host syncs. The host
 store is filled with random KV first and every layer's page metadata is built, so selections are realistic.
 Measured: the wall time per step (synchronized at step ends only), the same step with only the sparse wrapper on
 HBM-resident KV (no tier: the compute floor), and a torch.profiler table of the step's top CPU and CUDA ops, with

@@ -16,6 +16,11 @@
   guard paused (the interpreter copies its arguments to and from host buffers itself).
   Two runs of one code path replay correctly from one capture when their traces are equal: same ops, same frozen
   Python values, the same persistent tensors, and no input that is not persistent.
+- `allow_lagged_reads(mp)`: under `forbid_host_sync`, lets `LaggedRead.take` read its host snapshot. That is what
+  "no blocking host sync" allows on the host-side step paths (`begin_step`, the working-set report): on CUDA the
+  snapshot is pinned host memory that a non-blocking copy filled a step earlier, read after waiting for the event
+  recorded then (which the GPU has normally passed), never for work queued since; on the CPU the guard cannot tell
+  that buffer from device memory, so it is told. Every other read of tensor values still raises.
 """
 
 from __future__ import annotations
@@ -99,6 +104,22 @@ class _Trace(TorchDispatchMode):
         outputs, _ = tree_flatten(out)
         self.record(func.__name__, leaves, outputs)
         return out
+
+
+def allow_lagged_reads(mp: pytest.MonkeyPatch) -> None:
+    """Let `LaggedRead.take` read its host snapshot under the guards (see the module docstring)."""
+    from sparseserve_vllm.core.lagged_read import LaggedRead
+
+    take = LaggedRead.take
+
+    def paused_take(self):
+        _PAUSED[0] += 1
+        try:
+            return take(self)
+        finally:
+            _PAUSED[0] -= 1
+
+    mp.setattr(LaggedRead, "take", paused_take)
 
 
 @contextlib.contextmanager

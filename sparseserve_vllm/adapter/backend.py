@@ -13,10 +13,13 @@ Contract:
   keeps every per-step input in persistent buffers (vLLM's, and a -1 padded buffer of the pages to summarize), the
   runtime's wrapper is planned once for the largest batch and context, and padded rows (seq_len 0, slot -1) attend
   to nothing); other batches run under piecewise graphs. With offload too: the builder does the step's host work
-  (`SparseRuntime.begin_step`: saves made visible, deferred page-cache errors raised with one host sync, new
-  eviction ring, working-set rows) and counts the statistics, since no impl Python runs at a replay; the impls'
-  decode-only path is sync-free and keeps all changing state on the device. Offload with `dense_layers` > 0:
-  NEVER (dense layers gather each request's context on the host), so piecewise graphs with eager attention.
+  (`SparseRuntime.begin_step`: saves made visible, counters snapshotted and deferred page-cache errors raised one
+  step late, both without a host sync, new eviction ring, working-set rows) and counts the statistics, since no
+  impl Python runs at a replay; the impls' decode-only path is sync-free and keeps all changing state on the
+  device. vLLM builds the metadata of a capture run (`build_for_cudagraph_capture`) before it begins capturing the
+  forward, so `begin_step`'s snapshot copy and CUDA event are never recorded into a graph. Offload with
+  `dense_layers` > 0: NEVER (dense layers gather each request's context on the host), so piecewise graphs with
+  eager attention.
 """
 
 from __future__ import annotations

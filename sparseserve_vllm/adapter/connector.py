@@ -16,8 +16,9 @@ vLLM has no other per-step channel from the scheduler to an attention backend; S
   the finished requests whose jobs it dropped) as `finished_recving`;
 - worker side: hands the logical block count (`kv_cache_config.num_blocks`) to the worker's runtime, frees the
   finished requests' HBM cache slots and working-set history at the start of each step, and after the forward
-  reports, as `SparseServeWorkerMetadata`, the working set in bytes of each decode request of the step, keyed by
-  the request's first block id (see `SparseRuntime.working_set_report`).
+  reports, as `SparseServeWorkerMetadata`, the working set in bytes of each decode request of the PREVIOUS step
+  (read one step late, without a host sync), keyed by the request's first block id and tagged with that previous
+  step's number, which the scheduler needs to map the block ids to requests (see `SparseRuntime.working_set_report`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class SparseServeConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class SparseServeWorkerMetadata(KVConnectorWorkerMetadata):
-    """Working sets of one step's decode requests: `{first block id: bytes}` (requests without history left out)."""
+    """Working sets of one step's decode requests: `{first block id: bytes}` (requests without history left out).
+    `step` is the number of the step they describe, the one before the step whose output carries them."""
 
     step: int
     ws_bytes: dict[int, int]
@@ -179,7 +181,10 @@ class SparseServeConnector(KVConnectorBase_V1):
         return None, (done or None)
 
     def build_connector_worker_meta(self) -> SparseServeWorkerMetadata | None:
-        report = self._runtime.working_set_report()
-        if not report or not self.has_connector_metadata():
+        if not self.has_connector_metadata():
             return None
-        return SparseServeWorkerMetadata(step=self._get_connector_metadata().step, ws_bytes=report)
+        report = self._runtime.working_set_report(self._get_connector_metadata().step)
+        if report is None:
+            return None
+        step, ws_bytes = report
+        return SparseServeWorkerMetadata(step=step, ws_bytes=ws_bytes)

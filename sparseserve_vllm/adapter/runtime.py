@@ -11,16 +11,23 @@ Contract:
   `count` once per step (host side: with full CUDA graphs the impls' Python does not run at replay); impls use
   `wrapper` / `page_meta` from `forward`.
 - Offload: the builder calls `begin_step` once per step, before the forward (so also before a CUDA-graph replay,
-  which runs no impl Python): the tier's `begin_step` (earlier saves visible, deferred page-cache errors raised,
-  new eviction ring) and `note_decode_rows`. Everything the impls do per layer in a decode-only step is free of
-  host syncs and of Python state that changes between steps (see `OffloadTier`).
+  which runs no impl Python): the tier's `begin_step` (earlier saves visible, counters snapshotted, deferred
+  page-cache errors raised one step late, new eviction ring; no host sync) and `note_decode_rows`. Everything the
+  impls do per layer in a decode-only step is free of host syncs and of Python state that changes between steps
+  (see `OffloadTier`).
 - Offload also keeps a `WorkingSetTracker` (window `working_set_window`): impls `record_selection` the logical
   pages each sparse decode layer selected (device-side only), the builder `note_decode_rows` (block table rows and
   lengths of the step's decode requests, and whether sparse layers select pages this step: then the report closes
-  a decode step), and once per step, after the forward, the connector asks `working_set_report()`:
-  `{first block id: bytes}` of each decode request of the step, bytes = distinct (layer, page) of its own pages
-  selected in the last `working_set_window` decode steps x page bytes (`page_size x 2 x head_dim x element size`);
-  requests with nothing selected in the window are left out. Freed blocks' pages are forgotten (`free_blocks`).
+  a decode step), and once per step, after the forward, the connector calls `working_set_report(step)` (`step`:
+  the connector's number of the step). It computes on the device the working set of each decode request of the
+  step, bytes = distinct (layer, page) of its own pages selected in the last `working_set_window` decode steps x
+  page bytes (`page_size x 2 x head_dim x element size`), and snapshots them with the requests' first block ids
+  into pinned host memory without a host sync (`LaggedRead`, tagged with `step`); it returns the snapshot the
+  previous call made: `(its step, {first block id: bytes})`, requests with nothing selected in the window left
+  out, or None (no snapshot pending, or all left out). So the report describes the previous decode step and is
+  keyed by the block ids of that step: the scheduler maps them to requests with that step's number, and a block
+  freed and given to another request since then is never credited to the new owner. Freed blocks' pages are
+  forgotten (`free_blocks`).
 - `page_meta(layer, kv_cache)`: the layer's page metadata `[num_pages (+ 1 with offload), M, D]`; with offload the
   extra LAST row is a trash row: page summaries of decode-only steps come in a -1 padded buffer, and
   `meta[slots] = ...` writes the padding there.
@@ -28,8 +35,8 @@ Contract:
   `patches/model_loader.py`) and `step_decodes` (the builder's count of the step's decode requests).
 - Every `stats_interval_s` seconds it publishes the counters (see `sparseserve_vllm.stats`) and logs one line
   summing every process of the engine (the scheduler's working-set cap included). The publishing thread reads
-  host copies only (the tier's `last_stats`, read in host syncs the main thread makes anyway: `begin_step`, the
-  working-set report, `free_blocks`): a GPU sync from another thread during vLLM's CUDA-graph capture would
+  host copies only (the tier's `last_stats`, a step late from `begin_step`'s snapshots, and current after
+  `free_blocks`, which synchronizes anyway): a GPU sync from another thread during vLLM's CUDA-graph capture would
   invalidate the capture.
 """
 
@@ -44,6 +51,7 @@ from sparseserve_vllm import stats
 from sparseserve_vllm.adapter.config_access import segmented_prefill_on, sparseserve_config
 from sparseserve_vllm.adapter.logging import logger as plugin_logger
 from sparseserve_vllm.config import SparseServeConfig
+from sparseserve_vllm.core.lagged_read import LaggedRead
 from sparseserve_vllm.kernels.pages import num_meta_vectors
 
 logger = plugin_logger(__name__)
@@ -65,6 +73,7 @@ class SparseRuntime:
         self.cfg = cfg
         self._engine = (vllm_config.instance_id, vllm_config.cache_config)
         self.max_num_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs  # sizes the working-set report's host buffer
         # Layer-segmented prefill: its work per step (token x layer units) and so the most tokens of one layer it
         # saves at once (at most a whole prompt); FlashD2H's ring holds two such saves, so a layer's save never
         # waits for the previous one.
@@ -87,6 +96,7 @@ class SparseRuntime:
         self.segment_last: dict = {}
         self._ws_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (first block ids [R], owned pages [R, P])
         self._ws_open = False  # a step with selections was noted since the last end_step
+        self._ws_report = None  # offload: LaggedRead of (first block ids, bytes), made with the tier
         self.counters = stats.process_counters()
         self._stats_dir = stats.ensure_stats_dir()
         self._stopped = threading.Event()
@@ -211,6 +221,7 @@ class SparseRuntime:
                 page_bytes(page_size=self.cfg.page_size, head_dim=self.head_size, element_size=kv_cache.element_size()),
                 window=self.cfg.working_set_window, device=kv_cache.device, check_bounds=False,
             )
+            self._ws_report = LaggedRead(kv_cache.device, 2 * self.max_num_seqs)
         return self.tier
 
     def free_blocks(self, block_ids: list[int]) -> None:
@@ -251,22 +262,28 @@ class SparseRuntime:
         if self.ws_tracker is not None:
             self.ws_tracker.record(layer, torch.where(lens > 0, slots, -1))
 
-    def working_set_report(self) -> dict[int, int]:
-        """After the forward, once per step: close the decode step and return `{first block id: working-set bytes}`
-        of the step's decode requests (those with a selection in the window); empty when the step had none."""
+    def working_set_report(self, step: int) -> tuple[int, dict[int, int]] | None:
+        """After the forward of step `step`, once per step, without a host sync: close the decode step, snapshot the
+        working sets of its decode requests and return the previous snapshot's `(step, {first block id: bytes})`
+        (see the module docstring); None when there is none or it holds no request with a selection."""
         rows, self._ws_rows = self._ws_rows, None
         if self.ws_tracker is None:
-            return {}
+            return None
         if self._ws_open:
             self.ws_tracker.end_step()
             self._ws_open = False
-        if rows is None:  # no decode rows: no sync here (the next begin_step reads the counters)
-            return {}
-        first, owned = rows
-        ws = self.ws_tracker.working_set_pages(owned) * self.ws_tracker.bytes_per_page
-        values = self.tier.refresh_stats(torch.cat([first, ws]))  # one host sync: the report and the counters
-        blocks, nbytes = values[: first.numel()], values[first.numel():]
-        return {b: n for b, n in zip(blocks, nbytes) if n > 0}
+        if rows is None:
+            taken = self._ws_report.take()
+        else:
+            first, owned = rows
+            ws = self.ws_tracker.working_set_pages(owned) * self.ws_tracker.bytes_per_page
+            taken = self._ws_report.swap(torch.cat([first, ws]), tag=step)
+        if taken is None:
+            return None
+        described, values = taken
+        n = len(values) // 2
+        report = {b: nbytes for b, nbytes in zip(values[:n], values[n:]) if nbytes > 0}
+        return (described, report) if report else None
 
     def page_meta(self, layer_idx: int, kv_cache: torch.Tensor) -> torch.Tensor:
         meta = self._meta.get(layer_idx)

@@ -25,10 +25,13 @@ Contract:
       left (the first one always when nothing runs). vLLM sees only that prefix (the other waiting requests are
       hidden from its queues for the step) and `max_num_running_reqs` is lowered to what it admits.
   Every request completes: the head of the running queue always runs, and the others move up as it finishes.
-- Working sets arrive from the workers through the connector (`SparseServeWorkerMetadata`: the step number and
-  `{first block id: bytes}`); the step number maps each first block id back to the request it belonged to in that
-  step, so a report is never credited to a later owner of the block (async scheduling included). A parked request
-  keeps its last report.
+- Working sets arrive from the workers through the connector (`SparseServeWorkerMetadata`: `{first block id:
+  bytes}` and the number of the step they describe, which is the step BEFORE the one whose output carries them:
+  the workers read them one step late, without a host sync). `StepOwners` maps each first block id back to the
+  request it belonged to in that step, so a report is never credited to a later owner of the block (async
+  scheduling included), and a report about a request that has finished since is dropped. So the newest estimate
+  describes the step before the last one whose output the scheduler has taken. A parked request keeps its last
+  report.
 - Requests that vLLM itself preempts (host blocks exhausted) have their blocks announced to the workers, which
   drop their cache slots and working-set history.
 - Statistics (`sparseserve_vllm.stats`, this process's counters, published by the connector each step):
@@ -52,9 +55,11 @@ from sparseserve_vllm.core.working_set import decode_budget_pages, page_bytes, p
 
 logger = plugin_logger(__name__)
 
-__all__ = ["AsyncWorkingSetScheduler", "Candidate", "StepPlan", "WorkingSetScheduler", "plan_step"]
+__all__ = ["AsyncWorkingSetScheduler", "Candidate", "StepOwners", "StepPlan", "WorkingSetScheduler", "plan_step"]
 
-_KEPT_STEP_MAPS = 8  # steps whose first-block -> request maps wait for their report (async keeps 2 in flight)
+# Steps whose first-block -> request maps wait for their report (async scheduling keeps 2 steps in flight, and a
+# report comes with the output of the step after the one it describes).
+_KEPT_STEP_MAPS = 8
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,29 @@ def plan_step(
     return StepPlan(decision=decision, prefill_bytes=prefill, admit_waiting=admit)
 
 
+class StepOwners:
+    """The first block id -> request id map of each of the last `kept` steps (`note`), to credit a working-set
+    report, keyed by first block id and tagged with the step it describes, to the requests it is about (`credit`)."""
+
+    def __init__(self, kept: int = _KEPT_STEP_MAPS) -> None:
+        self._kept = kept
+        self._steps: dict[int, dict[int, str]] = {}  # step -> {first block id: request id}, oldest first
+
+    def note(self, step: int, owners: dict[int, str]) -> None:
+        self._steps[step] = owners
+        while len(self._steps) > self._kept:
+            del self._steps[next(iter(self._steps))]
+
+    def credit(self, step: int, ws_bytes: dict[int, int]) -> dict[str, int]:
+        """`{request id: bytes}` of a report about `step`, through the owners noted for that step (a block nobody
+        held then, or a step no longer kept, credits nobody). Reports come oldest first: that step's map and the
+        older ones are dropped."""
+        owners = self._steps.pop(step, {})
+        for older in [s for s in self._steps if s < step]:
+            del self._steps[older]
+        return {owners[block]: nbytes for block, nbytes in ws_bytes.items() if block in owners}
+
+
 class WorkingSetScheduler(Scheduler):
     def __new__(cls, *args, **kwargs):
         if cls is WorkingSetScheduler:
@@ -134,7 +162,7 @@ class WorkingSetScheduler(Scheduler):
         self._controller = WorkingSetController()
         self._ws_bytes: dict[str, int] = {}  # request id -> last reported working set
         self._first_block: dict[str, int] = {}
-        self._step_blocks: dict[int, dict[int, str]] = {}  # connector step -> {first block id: request id}
+        self._owners = StepOwners()
         self._counters = self.connector.counters
         logger.info(
             "SparseServe working-set batch control: HBM page cache %.1f MiB over all workers (%d pages of %d bytes), "
@@ -204,12 +232,8 @@ class WorkingSetScheduler(Scheduler):
     # ---------------- reports from the workers ----------------
     def _absorb_reports(self) -> None:
         for report in self.connector.take_working_set_reports():
-            owners = self._step_blocks.pop(report.step, {})
-            for step in [s for s in self._step_blocks if s < report.step]:
-                del self._step_blocks[step]
-            for block, nbytes in report.ws_bytes.items():
-                request_id = owners.get(block)
-                if request_id in self.requests:
+            for request_id, nbytes in self._owners.credit(report.step, report.ws_bytes).items():
+                if request_id in self.requests:  # not finished since the step the report describes
                     self._ws_bytes[request_id] = nbytes
         for cache in (self._ws_bytes, self._first_block):
             for request_id in [r for r in cache if r not in self.requests]:
@@ -222,9 +246,7 @@ class WorkingSetScheduler(Scheduler):
             if block is None:
                 block = self._first_block[request_id] = self.kv_cache_manager.get_block_ids(request_id)[0][0]
             owners[block] = request_id
-        self._step_blocks[scheduler_output.kv_connector_metadata.step] = owners
-        while len(self._step_blocks) > _KEPT_STEP_MAPS:
-            del self._step_blocks[next(iter(self._step_blocks))]
+        self._owners.note(scheduler_output.kv_connector_metadata.step, owners)
 
     # ---------------- vLLM hooks ----------------
     def schedule(self, *args, **kwargs):

@@ -8,9 +8,10 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
   slots), and writes that must go nowhere (padding tokens, pages left without a slot) land there, so no write
   needs a boolean mask. Its contents are garbage; the pool needs at least 2 slots.
 - Once per engine step, on the host, before the step's first layer: `begin_step()`: makes the earlier steps' saves
-  visible to this step's loads (`flush`), raises the page cache's deferred errors of the previous step (one host
-  sync) and recomputes the eviction ring (`PageCache.begin_step`). vLLM's builder calls it, so it also runs before
-  the replay of a CUDA graph, which runs none of the per-layer Python below.
+  visible to this step's loads (`flush`), snapshots the counters (`last_stats`, below), raises the page cache's
+  deferred errors of the step before the previous one and recomputes the eviction ring (`PageCache.begin_step`),
+  all without waiting for the GPU. vLLM's builder calls it, so it also runs before the replay of a CUDA graph,
+  which runs none of the per-layer Python below.
 - Per layer and step the caller runs, in this order:
     `begin_layer()`                 a new protection scope: pages resolved from now on are not evicted until the
                                     next call (a device-side stamp increment);
@@ -35,15 +36,19 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
   `save` does not synchronize either; `gather_context` does (prefill only).
 - Pages that got no slot because the cache could not hold them (or ids out of range) do not raise at once: their
   tokens go to the trash page, `resolve` returns -1 for them, and the error (`CacheCapacityError` or
-  `ValueError`) is raised by the next `begin_step()` (or by `check()`).
+  `ValueError`) is raised one step late, by the `begin_step()` after next (the next one snapshots it without a
+  host sync), or at once by `check()` (synchronous).
 - `free_blocks(block_ids)`: finished or aborted requests give their pages' cache slots back.
 - Host data written by `save` becomes visible to loads after `flush()`; `write_new`, `resolve` and
   `gather_context` flush before they load, so a load never reads a page older than what this process saved.
 - Counters (device tensors, updated without a sync, also inside CUDA graphs): `stats()` returns hits, misses,
   evictions, bytes moved each way (d2h: tokens with a slot id >= 0), HBM pages in use (synchronizes).
-  `last_stats` holds them as read by the last `begin_step` (in its one sync), `refresh_stats` or `stats`: plain
-  ints for other threads (the runtime's stats publisher), which must never touch the GPU (during vLLM's CUDA-graph
-  capture, in the default "global" capture mode, a GPU sync or allocation from another thread invalidates it).
+  `last_stats` holds them as plain ints for other threads (the runtime's stats publisher), which must never touch
+  the GPU (during vLLM's CUDA-graph capture, in the default "global" capture mode, a GPU sync or allocation from
+  another thread invalidates it). `begin_step` snapshots them without a host sync (`LaggedRead`) and puts the
+  previous `begin_step`'s snapshot there, so they lag a step: at step N they are the counters as of the start of
+  step N - 1. `refresh_stats()` and `stats()` read them now (one host sync); a snapshot taken before such a read
+  is then not put there (`last_stats` never goes back in time).
 No vLLM import.
 """
 
@@ -53,6 +58,7 @@ import torch
 
 from sparseserve_vllm.core.flash_d2h import FlashD2HSaver
 from sparseserve_vllm.core.host_kv import HostKVStore
+from sparseserve_vllm.core.lagged_read import LaggedRead
 from sparseserve_vllm.core.page_cache import PageCache
 import sparseserve_vllm.kernels.flash_h2d as flash_h2d_module
 from sparseserve_vllm.kernels.flash_h2d import FlashH2D, flash_h2d, flash_h2d_torch
@@ -93,27 +99,31 @@ class OffloadTier:
         self._pages_h2d = torch.zeros((), dtype=torch.int64, device=self.device)  # pages loaded, on the device
         self._tokens_d2h = torch.zeros((), dtype=torch.int64, device=self.device)  # tokens saved, on the device
         self._heads = torch.arange(self.num_kv_heads, device=self.device)
-        # Counters as of the last host read (begin_step, refresh_stats, stats): plain ints that another thread may
-        # read without touching the GPU (a GPU sync from another thread during a CUDA-graph capture breaks it).
+        # Counters as of the last host read (a begin_step snapshot, refresh_stats, stats): plain ints that another
+        # thread may read without touching the GPU (a GPU sync from another thread during a CUDA-graph capture breaks
+        # it).
         self.last_stats: dict[str, int] = dict.fromkeys(
             ("hbm_hits", "hbm_misses", "hbm_evictions", "hbm_pages_in_use", "bytes_h2d", "bytes_d2h"), 0)
+        self._stats_snapshot = LaggedRead(self.device, 6)  # begin_step's, tagged with `_sync_reads` at the time
+        self._sync_reads = 0  # refresh_stats calls: a snapshot tagged with an older count is older than last_stats
 
     # ---- per step and layer ----
     def begin_step(self) -> None:
-        """Start an engine step (host side, before its first layer): flush, deferred errors, new eviction ring; the
-        counters are read in the same host sync (`last_stats`)."""
+        """Start an engine step (host side, before its first layer), without waiting for the GPU: flush, counters
+        snapshotted (the previous snapshot goes to `last_stats`), deferred errors of the step before the previous
+        one raised, new eviction ring."""
         self.flush()
-        try:
-            self.cache.begin_step(self._counter_tensor())
-        finally:
-            self._keep_stats(self.cache.last_read)
+        taken = self._stats_snapshot.swap(self._counter_tensor(), tag=self._sync_reads)
+        if taken is not None and taken[0] == self._sync_reads:
+            self._keep_stats(taken[1])
+        self.cache.begin_step()
 
     def begin_layer(self) -> None:
         """New protection scope for the next layer (on the device)."""
         self.cache.begin_layer()
 
     def check(self) -> None:
-        """Raise the page cache's deferred errors now (one host sync)."""
+        """Raise the page cache's deferred errors not raised yet, now (one host sync)."""
         self.cache.check()
 
     def save(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -232,21 +242,17 @@ class OffloadTier:
         self.refresh_stats()
         return dict(self.last_stats)
 
-    def refresh_stats(self, extra: torch.Tensor | None = None) -> list[int]:
-        """Read the counters into `last_stats` (one host sync); `extra` (1-D int64 on the device) is read in the same
-        sync and its values returned."""
-        counters = self._counter_tensor()
-        values = (counters if extra is None else torch.cat([counters, extra.view(-1).to(torch.int64)])).tolist()
-        self._keep_stats(values)
-        return values[counters.numel():]
+    def refresh_stats(self) -> None:
+        """Read the counters into `last_stats` now (one host sync); the pending `begin_step` snapshot, older, will
+        not replace them."""
+        self._keep_stats(self._counter_tensor().tolist())
+        self._sync_reads += 1
 
     def _counter_tensor(self) -> torch.Tensor:
         return torch.cat([self.cache.counter_tensor(), self._pages_h2d.view(1), self._tokens_d2h.view(1)])
 
     def _keep_stats(self, values: list[int]) -> None:
-        if len(values) < 6:
-            return
-        hits, misses, evictions, used, pages_h2d, tokens_d2h = values[:6]
+        hits, misses, evictions, used, pages_h2d, tokens_d2h = values
         self.last_stats = {
             "hbm_hits": hits,
             "hbm_misses": misses,

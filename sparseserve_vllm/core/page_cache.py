@@ -14,10 +14,10 @@ Contract:
 - Stamps and steps. The stamp (an int64 scalar tensor on `device`, starting at 0; `stamp` reads it as an int,
   synchronizing) names the current *scope*; a slot touched or taken in the current scope (`last_use == stamp`) is
   protected: it is never taken by a `resolve` of the same scope.
-    `begin_step()`  once per engine step, on the host before the step's work: `check()` (the one host sync),
-                    stamp += 1, and the *eviction ring* is recomputed: all slots sorted by `(last_use, slot id)`
-                    ascending (free slots first, lowest id first, then least recently used), with the ring *cursor*
-                    at position 0;
+    `begin_step()`  once per engine step, on the host before the step's work, without waiting for the GPU: the
+                    deferred errors (below), stamp += 1, and the *eviction ring* is recomputed: all slots sorted by
+                    `(last_use, slot id)` ascending (free slots first, lowest id first, then least recently used),
+                    with the ring *cursor* at position 0;
     `begin_layer()` a new scope inside the step (the tier calls it for every layer): stamp += 1 on the device, the
                     ring and its cursor are kept. No host sync and no Python state: CUDA-graph capturable.
   `invalidate` and `reset` recompute the ring too (cursor 0), so freed slots come first.
@@ -48,16 +48,25 @@ Contract:
   including this call)` window positions always hold a takeable slot for every miss of this call, and the misses
   take the same slots as over all W. (The count of a scope's ids is Python state that depends on argument shapes
   only, so a captured CUDA graph replays the same scan length.)
-- Errors of `resolve` are deferred: `check()` synchronizes once and raises `ValueError` if bad ids were passed,
-  else `CacheCapacityError` if pages were left unplaced, since the last `check()` (then clears both counts);
-  `begin_step()` calls it. Both take an optional `extra` int64 tensor that is read in the same sync (the tier
-  reads its counters there, `counter_tensor()`, so that a stats thread never has to touch the GPU). A step that left pages unplaced attended to garbage for them (the slot its caller
-  substituted for -1) before the error is raised at the next step; bad ids were read as padding.
+- Errors of `resolve` are deferred: they are counted on the device (bad ids -> `ValueError`, else unplaced pages
+  -> `CacheCapacityError`) and raised on the host later, by one of:
+    `begin_step()`  without a host sync: it snapshots the counts into pinned host memory (`LaggedRead`: a
+                    non-blocking copy and a CUDA event) and clears them on the device, then raises the counts of
+                    the snapshot the PREVIOUS `begin_step` made (whose copy is done by then), before it opens its
+                    scope. So the errors of the resolves of step N (between the starts of steps N and N + 1) are
+                    raised by the start of step N + 2: one step after the step that made them ends. The CPU runs
+                    the same code, with the same lag;
+    `check()`       synchronously (one host sync): every count not raised yet, the pending snapshot's included
+                    (tests, shutdown).
+  Each raises once, then the counts are clear. A step that left pages unplaced attended to garbage for them (the
+  slot its caller substituted for -1), and so may the next, before the error is raised; bad ids were read as
+  padding.
 - `lookup` reads slots without touching; `invalidate` drops keys and frees their slots (request finished or
-  aborted); `reset` empties the cache and zeroes the counters, the deferred errors and the stamp. These three and
-  `stats`/`num_used_slots` may synchronize (they are not on the per-layer path); `lookup` and `invalidate` raise
-  `ValueError` for ids outside `[-1, num_logical_pages)`, except `lookup(..., check_range=False)`, which checks
-  no values and does not synchronize (the tier's page summaries use it). Every method raises `ValueError` for a
+  aborted); `reset` empties the cache and zeroes the counters, the deferred errors (a pending snapshot's too)
+  and the stamp. These three and `stats`/`num_used_slots` may synchronize (they are not on the per-layer path);
+  `lookup` and `invalidate` raise `ValueError` for ids outside `[-1, num_logical_pages)`, except
+  `lookup(..., check_range=False)`, which checks no values and does not synchronize (the tier's page summaries
+  use it). Every method raises `ValueError` for a
   layer outside `[0, num_layers)` or a `pages` argument that is not a 1-D integer tensor on `device`.
 """
 
@@ -65,6 +74,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from sparseserve_vllm.core.lagged_read import LaggedRead
 
 __all__ = ["CacheCapacityError", "PageCache"]
 
@@ -102,8 +113,8 @@ class PageCache:
         # hits, misses, evictions, unplaced (deferred CacheCapacityError), bad ids (deferred ValueError)
         self._counts = torch.zeros(5, dtype=torch.int64, device=self.device)
         self.hits, self.misses, self.evictions = self._counts[0], self._counts[1], self._counts[2]
+        self._errors = LaggedRead(self.device, 2)  # unplaced, bad: `begin_step`'s snapshot, raised by the next one
         self._stamp = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.last_read: list[int] = []  # the `extra` values of the last `check`
         self._scope_ids = 0  # ids passed to `resolve` in the current scope: bounds the slots it protects
         self._sort_ring()
 
@@ -152,40 +163,42 @@ class PageCache:
         }
 
     # ------------------------------------------------------------------------------------------------ operations
-    def check(self, extra: torch.Tensor | None = None) -> list[int]:
-        """Raise the errors `resolve` deferred since the last check (one host sync), clearing them. `extra` (a 1-D
-        int64 tensor on `device`) is read in the same sync: its values are returned, and kept in `last_read` (also when
-        an error is raised)."""
-        values = (self._counts[3:] if extra is None else torch.cat([self._counts[3:], extra.view(-1)])).tolist()
-        unplaced, bad, values = values[0], values[1], values[2:]
-        self.last_read = values
-        if bad or unplaced:
-            self._counts[3:].zero_()
+    def check(self) -> None:
+        """Raise every error `resolve` deferred and no `begin_step` raised yet (one host sync), clearing them."""
+        unplaced, bad = self._counts[3:].tolist()
+        self._counts[3:].zero_()
+        taken = self._errors.take()
+        if taken is not None:
+            unplaced, bad = unplaced + taken[1][0], bad + taken[1][1]
+        self._raise(unplaced, bad)
+
+    def begin_step(self) -> None:
+        """Start an engine step without a host sync: snapshot the deferred errors and raise those of the previous
+        snapshot (see the module docstring), then a new scope and the eviction ring recomputed."""
+        taken = self._errors.swap(self._counts[3:])
+        self._counts[3:].zero_()  # after the copy, in stream order
+        if taken is not None:
+            self._raise(*taken[1])
+        self._stamp.add_(1)
+        self._scope_ids = 0
+        self._sort_ring()
+
+    def _raise(self, unplaced: int, bad: int) -> None:
         if bad:
             raise ValueError(
                 f"pages must be logical flat page ids in [0, {self.num_logical_pages}) or -1 (padding); {bad} id(s) "
-                f"outside that range were passed to resolve since the last check (read as padding)"
+                f"outside that range were passed to resolve (read as padding; deferred, see PageCache)"
                 + (f"; also {unplaced} missing page(s) got no slot" if unplaced else "")
             )
         if unplaced:
             raise CacheCapacityError(
-                f"page cache: {unplaced} missing page(s) got no slot since the last check: of the {self.window} "
+                f"page cache: {unplaced} missing page(s) got no slot (deferred, see PageCache): of the {self.window} "
                 f"slots a resolve may scan (num_slots {self.num_slots}), too few were not protected by their scope; "
                 f"enlarge the cache or admit fewer requests"
             )
-        return values
-
-    def begin_step(self, extra: torch.Tensor | None = None) -> list[int]:
-        """Start an engine step: raise deferred errors (`check`, which also reads and returns `extra`), new scope,
-        eviction ring recomputed."""
-        values = self.check(extra)
-        self._stamp.add_(1)
-        self._scope_ids = 0
-        self._sort_ring()
-        return values
 
     def counter_tensor(self) -> torch.Tensor:
-        """int64 [4] on `device`: hits, misses, evictions, used slots (no sync; read it with `check(extra=...)`)."""
+        """int64 [4] on `device`: hits, misses, evictions, used slots (no sync)."""
         return torch.cat([self._counts[:3], (self._owner[1:] > 0).sum().view(1)])
 
     def begin_layer(self) -> None:
@@ -198,6 +211,7 @@ class PageCache:
         self._owner.zero_()
         self._last_use.fill_(-1)
         self._counts.zero_()
+        self._errors.take()
         self._stamp.zero_()
         self._scope_ids = 0
         self._sort_ring()

@@ -5,6 +5,7 @@ buffers. Per step the test does what the builder does on the host (inputs copied
 padded page summaries, `SparseRuntime.begin_step`), then runs every layer's `_forward_offload` under the graph guard
 (`tests.host_sync.graph_trace`): no host sync, and two decode steps with other contents (and other evictions) record
 the same trace, so one capture replays both. The outputs equal the same sparse decode over a plain paged KV cache.
+After each step the connector's working-set report runs under the sync guard too: it carries the previous step's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 import sparseserve_vllm.kernels.flash_h2d as fh
 from sparseserve_vllm.config import SparseServeConfig
-from tests.host_sync import graph_trace
+from tests.host_sync import allow_lagged_reads, forbid_host_sync, graph_trace
 
 pytestmark = pytest.mark.skipif(not fh._INTERPRET, reason="needs TRITON_INTERPRET=1: the CPU torch paths synchronize")
 
@@ -36,7 +37,7 @@ def make_runtime(monkeypatch):
     with monkeypatch.context() as mp:  # no statistics thread: it would read the tier while the guard is on
         mp.setattr(runtime_module.threading, "Thread", lambda **kw: SimpleNamespace(start=lambda: None))
         rt = runtime_module.SparseRuntime(
-            cfg, SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=64),
+            cfg, SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=64, max_num_seqs=ROWS),
                                  attention_config=SimpleNamespace(backend=None),  # not selected: no segmented prefill
                                  instance_id="offload-graph", cache_config=SimpleNamespace()))
     rt.bind_geometry(block_size=BS, num_kv_heads=HKV, head_size=D, num_layers=LAYERS)
@@ -144,7 +145,12 @@ def test_offload_decode_steps_are_graph_safe_and_equal_the_paged_path(monkeypatc
                     impls[layer]._forward_offload(None, q_buf, k_buf, v_buf, pool, md, out_buf[layer])
                 traces.append((step, layer, ops))
         record(slots, kv)
-        assert rt.working_set_report(), "decode rows with selections report a working set"
+        with monkeypatch.context() as mp:
+            forbid_host_sync(mp)
+            allow_lagged_reads(mp)
+            report = rt.working_set_report(step)
+        if step:  # the previous decode step's, with its step number
+            assert report is not None and report[0] == step - 1 and set(report[1]) == {1, 4}, report
         # Reference: the same sparse decode over the plain paged cache, metadata of every page from scratch.
         for layer, (q, _, _) in enumerate(kv):
             pages = ref_kv[layer].view(-1, PS, 2 * D)

@@ -2,7 +2,8 @@
 
 - `plan_step`, the scheduler's decision, on hand-made candidates;
 - `WorkingSetScheduler(...)` picks the async variant; offload selects it and refuses another `--scheduler-cls`;
-- the workers' reports aggregate by summing (disjoint KV heads);
+- the workers' reports aggregate by summing (disjoint KV heads); `StepOwners` credits a report to the requests that
+  held its blocks in the step it describes (with the runtime's late report: `test_runtime.py`);
 - end to end on real vLLM (CPU build, tiny llama): an HBM cache that holds fewer decode working sets than there are
   requests caps the batch and parks requests, every request completes, nothing is recomputed, and the greedy tokens
   equal the same run without offload.
@@ -22,6 +23,7 @@ from sparseserve_vllm.adapter.connector import SparseServeWorkerMetadata
 from sparseserve_vllm.adapter.scheduler import (
     AsyncWorkingSetScheduler,
     Candidate,
+    StepOwners,
     WorkingSetScheduler,
     plan_step,
 )
@@ -128,6 +130,22 @@ def test_worker_reports_aggregate_by_summing():
     a = SparseServeWorkerMetadata(step=3, ws_bytes={7: 100, 9: 5})
     b = SparseServeWorkerMetadata(step=3, ws_bytes={7: 20, 11: 1})
     assert a.aggregate(b) == SparseServeWorkerMetadata(step=3, ws_bytes={7: 120, 9: 5, 11: 1})
+
+
+def test_step_owners_credit_a_report_through_the_step_it_describes():
+    owners = StepOwners(kept=3)
+    owners.note(5, {4: "A", 9: "C"})
+    owners.note(6, {4: "B", 9: "C"})  # A finished after step 5; B got its first block
+    owners.note(7, {4: "B"})
+    # The report about step 5 arrives (with step 6's output, or later under async scheduling): A's, never B's.
+    assert owners.credit(5, {4: 100, 9: 7, 11: 1}) == {"A": 100, "C": 7}  # block 11: nobody's in step 5
+    assert owners.credit(5, {4: 100}) == {}  # step 5's map is used once
+    assert owners.credit(7, {4: 30}) == {"B": 30}  # step 6's report never came: step 6 is dropped with it
+    assert owners.credit(6, {4: 20}) == {}
+    for step in range(8, 12):
+        owners.note(step, {4: f"r{step}"})
+    assert owners.credit(8, {4: 1}) == {}  # only the last 3 steps are kept
+    assert owners.credit(10, {4: 1}) == {"r10": 1}
 
 
 # ---------------- end to end ----------------

@@ -15,7 +15,7 @@ from sparseserve_vllm.core.offload_tier import OffloadTier
 from sparseserve_vllm.core.page_cache import CacheCapacityError
 import sparseserve_vllm.kernels.flash_h2d as fh
 
-from tests.host_sync import forbid_host_sync
+from tests.host_sync import allow_lagged_reads, forbid_host_sync
 
 LAYERS, BLOCKS, HKV, BS, D, PS = 2, 6, 2, 16, 8, 4
 PPB = BS // PS
@@ -113,7 +113,7 @@ def test_free_blocks_gives_every_slot_back():
     tier.close()
 
 
-def test_more_pages_than_the_pool_in_one_layer_step_raises_at_the_next_step():
+def test_more_pages_than_the_pool_in_one_layer_step_raises_one_step_late():
     gen = torch.Generator().manual_seed(4)
     tier = make_tier(num_slots=HKV * PPB)
     ref = torch.full((LAYERS, BLOCKS, HKV, BS, 2 * D), float("nan"))
@@ -129,9 +129,42 @@ def test_more_pages_than_the_pool_in_one_layer_step_raises_at_the_next_step():
     tier.write_new(1, k, v, torch.tensor([3 * BS]))  # block 3's pages get no slot: their token goes to the trash
     assert (tier.resident_slots(1, tier.token_pages(torch.tensor([3 * BS])).reshape(-1)) == -1).all()
     assert not tier.cache_pages[-1, 0].isnan().any()  # the trash page took it
+    tier.begin_step()  # the next step starts: the error is snapshotted, not raised
     with pytest.raises(CacheCapacityError, match="enlarge the cache"):
         tier.begin_step()
     tier.begin_step()  # raised once
+    tier.close()
+
+
+def test_begin_step_waits_for_nothing_and_last_stats_lag_a_step():
+    """Steady-state step starts read no device values (only the previous start's snapshot): `last_stats` at the
+    start of step N are the counters as of the start of step N - 1; a synchronous read in between is newer, and the
+    older snapshot does not replace it."""
+    gen = torch.Generator().manual_seed(8)
+    tier = make_tier(num_slots=2 * HKV * PPB)
+    k, v = torch.randn(BS, HKV, D, generator=gen), torch.randn(BS, HKV, D, generator=gen)
+    tier.begin_step()
+    seen = []
+    for block in (1, 2, 3):  # a step writes a block's tokens: HKV * PPB pages each
+        tier.write_new(0, k, v, torch.arange(block * BS, (block + 1) * BS))
+        with pytest.MonkeyPatch.context() as mp:
+            forbid_host_sync(mp)
+            allow_lagged_reads(mp)
+            tier.begin_step()
+        seen.append(tier.last_stats["hbm_pages_in_use"])
+    pages = HKV * PPB
+    assert seen == [0, pages, 2 * pages]  # as of the previous step start: one step behind
+    assert tier.stats()["hbm_pages_in_use"] == 2 * pages  # the third block evicted the first (cache of 2 blocks)
+    tier.free_blocks(torch.tensor([2, 3]))
+    tier.refresh_stats()  # synchronous: what the runtime does after freeing blocks
+    assert tier.last_stats["hbm_pages_in_use"] == 0
+    tier.begin_step()  # the pending snapshot (start of step 3: 2 blocks in use) is older: not kept
+    assert tier.last_stats["hbm_pages_in_use"] == 0
+    tier.write_new(0, k, v, torch.arange(BS, 2 * BS))
+    tier.begin_step()  # its own snapshot (0 in use), then ...
+    tier.begin_step()  # ... the one after the write
+    assert tier.last_stats["hbm_pages_in_use"] == pages
+    assert tier.last_stats["hbm_misses"] == tier.stats()["hbm_misses"] == 4 * pages
     tier.close()
 
 
@@ -216,7 +249,34 @@ def test_cuda_write_new_and_resolve_do_not_sync():
         assert (slots >= 0).all(), slots
         want = host.pages(layer, PS)[pages.cpu()]
         torch.testing.assert_close(pool[slots.long()].cpu(), want, rtol=0, atol=0)
-    tier.begin_step()  # no deferred error
+    tier.check()  # no deferred error (also none snapshotted by a begin_step and not raised yet)
+    tier.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_begin_step_does_not_wait_for_the_step_just_queued():
+    """A step start waits at most for the GPU to reach the previous step start (its snapshot), never for the work
+    queued since; a deferred error is raised one step late all the same."""
+    host = HostKVStore(LAYERS, BLOCKS, HKV, BS, D, torch.float16, pin=True)
+    pool = torch.zeros((HKV * PPB + 1, PS, 2 * D), dtype=torch.float16, device="cuda")
+    tier = OffloadTier(host=host, cache_pages=pool, page_size=PS, max_tokens=64)
+    pages = tier.block_pages(torch.tensor([0, 1])).reshape(-1)  # twice the cache
+    tier.begin_step()
+    tier.resolve(0, pages[:1])  # warm-up: FlashH2D planned, kernels compiled
+    tier.begin_step()
+    torch.cuda.synchronize()
+    tier.resolve(0, pages)  # HKV * PPB pages get no slot
+    torch.cuda._sleep(1_000_000_000)  # about half a second of GPU work: the rest of the step
+    busy = torch.cuda.Event()
+    busy.record()
+    tier.begin_step()  # snapshots the error
+    assert not busy.query(), "begin_step waited for the GPU work queued after the previous step start"
+    torch.cuda._sleep(1_000_000_000)
+    busy.record()
+    with pytest.raises(CacheCapacityError, match=f"{HKV * PPB} missing page"):
+        tier.begin_step()
+    assert not busy.query(), "begin_step waited for the GPU work queued after the previous step start"
+    tier.check()
     tier.close()
 
 

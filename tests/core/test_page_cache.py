@@ -1,11 +1,12 @@
 """`PageCache` against a plain-Python reference model with the same documented semantics.
 
-Reference semantics (the module docstring of `page_cache`): `begin_step` checks the deferred errors, opens a new
-scope and sorts all slots by (last use, slot id) into the eviction ring (cursor 0); `begin_layer` only opens a new
-scope. `resolve` reads bad ids as padding, touches hits with the stamp, then gives the distinct misses, ascending,
+Reference semantics (the module docstring of `page_cache`): `begin_step` snapshots the deferred error counts and
+raises those of the previous snapshot (one step late), then opens a new scope and sorts all slots by (last use, slot
+id) into the eviction ring (cursor 0); `begin_layer` only opens a new scope. `resolve` reads bad ids as padding, touches hits with the stamp, then gives the distinct misses, ascending,
 the takeable slots (last use older than the stamp) of the window of `W` ring positions from the cursor, in window
-order; misses beyond them stay unplaced; the cursor moves just past the last slot taken. `check` raises
-`ValueError` for bad ids, else `CacheCapacityError` for unplaced misses.
+order; misses beyond them stay unplaced; the cursor moves just past the last slot taken. `check` raises every count
+not raised yet, the pending snapshot's included: `ValueError` for bad ids, else `CacheCapacityError` for unplaced
+misses.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from sparseserve_vllm.core.page_cache import CacheCapacityError, PageCache
-from tests.host_sync import forbid_host_sync
+from tests.host_sync import allow_lagged_reads, forbid_host_sync
 
 
 class RefCache:
@@ -36,22 +37,30 @@ class RefCache:
         self.last: list[int] = [-1] * self.num_slots
         self.stamp = 0
         self.hits = self.misses = self.evictions = self.unplaced = self.bad = 0
+        self.snapshot = (0, 0)  # (unplaced, bad) snapshotted by the last begin_step, raised by the next one
         self.sort_ring()
 
     def sort_ring(self) -> None:
         self.ring = sorted(range(self.num_slots), key=lambda s: (self.last[s], s))
         self.cursor = 0
 
-    def check(self) -> None:
-        bad, unplaced = self.bad, self.unplaced
-        self.bad = self.unplaced = 0
+    @staticmethod
+    def raise_errors(unplaced: int, bad: int) -> None:
         if bad:
             raise ValueError(f"{bad} bad")
         if unplaced:
             raise CacheCapacityError(f"{unplaced} unplaced")
 
+    def check(self) -> None:
+        unplaced, bad = self.unplaced + self.snapshot[0], self.bad + self.snapshot[1]
+        self.unplaced = self.bad = 0
+        self.snapshot = (0, 0)
+        self.raise_errors(unplaced, bad)
+
     def begin_step(self) -> None:
-        self.check()
+        snapshot, self.snapshot = self.snapshot, (self.unplaced, self.bad)
+        self.unplaced = self.bad = 0
+        self.raise_errors(*snapshot)
         self.stamp += 1
         self.sort_ring()
 
@@ -221,13 +230,14 @@ def test_lru_order_scopes_and_deferred_capacity_error():
     assert cache.stats() == {
         "hits": 2, "misses": 7, "evictions": 2, "used_slots": 4, "free_slots": 0, "num_slots": 4, "stamp": 1,
     }
-    with pytest.raises(CacheCapacityError, match=r"1 missing page\(s\) got no slot .* enlarge the cache"):
-        cache.begin_step()
-    cache.check()  # cleared once raised
     # A new scope inside the step makes the slots of earlier scopes takeable, from the cursor on (past slot 2).
     cache.begin_layer()
     _, miss_pages, miss_slots = cache.resolve(0, _t([9]))
     assert miss_pages.tolist() == [9] and miss_slots.tolist() == [3]  # ring 3, 0, 1, 2; cursor was at 3
+    cache.begin_step()  # snapshots the unplaced page's count, without waiting for the device: nothing raises yet
+    with pytest.raises(CacheCapacityError, match=r"1 missing page\(s\) got no slot .* enlarge the cache"):
+        cache.begin_step()  # one step late
+    cache.check()  # cleared once raised
     cache.begin_step()
 
 
@@ -240,6 +250,43 @@ def test_bad_ids_are_padding_until_check_raises():
     cache.begin_step()  # cleared
 
 
+def test_begin_step_raises_the_errors_one_step_late_without_a_host_sync():
+    """Errors of the resolves of step N are snapshotted by the start of step N + 1 and raised by the start of step
+    N + 2; a raising start has snapshotted the next step's errors already. No step start reads device values."""
+    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=2)
+    cache.begin_step()
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_host_sync(mp)
+        allow_lagged_reads(mp)
+        cache.resolve(0, _t([0, 1, 2]))  # step 1: 3 misses, 2 slots
+        cache.begin_step()  # step 2 starts: step 1's count is snapshotted
+        cache.resolve(0, _t([9, -1]))  # step 2: a bad id
+        with pytest.raises(CacheCapacityError, match=r"1 missing page\(s\)"):
+            cache.begin_step()  # step 3 would start: step 1's error
+        with pytest.raises(ValueError, match=r"1 id\(s\) outside"):
+            cache.begin_step()  # step 2's error, snapshotted by the start that raised
+        cache.begin_step()
+        cache.begin_step()  # nothing left
+        with pytest.raises(AssertionError, match="sync-free path"):
+            cache.check()  # the synchronous check reads the device: the guard catches it
+
+
+def test_check_raises_what_begin_step_has_not_raised_yet():
+    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=2)
+    cache.resolve(0, _t([0, 1, 2]))
+    cache.begin_step()  # snapshotted, not raised
+    cache.resolve(0, _t([10]))
+    with pytest.raises(ValueError, match=r"1 id\(s\) .* also 1 missing page"):
+        cache.check()  # the snapshot's count and the one since, at once
+    cache.begin_step()
+    cache.begin_step()  # raised once
+    cache.resolve(0, _t([3, 4, 5]))
+    cache.begin_step()
+    cache.reset()  # drops the snapshot too
+    cache.begin_step()
+    cache.check()
+
+
 def test_window_limits_the_scan():
     cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=4, window=2)
     _, miss_pages, miss_slots = cache.resolve(0, _t([0, 1, 2]))
@@ -247,7 +294,7 @@ def test_window_limits_the_scan():
     _, miss_pages, miss_slots = cache.resolve(0, _t([2]))  # the cursor moved on: slot 2
     assert miss_pages.tolist() == [2] and miss_slots.tolist() == [2]
     with pytest.raises(CacheCapacityError):
-        cache.begin_step()
+        cache.check()
 
 
 def test_scan_stops_after_the_scopes_ids_with_the_same_result(monkeypatch):
