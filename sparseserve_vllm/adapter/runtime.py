@@ -75,13 +75,15 @@ class SparseRuntime:
         self.max_num_batched_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs  # sizes the working-set report's host buffer
         # Layer-segmented prefill: its work per step (token x layer units) and so the most tokens of one layer it
-        # saves at once (at most a whole prompt); FlashD2H's ring holds two such saves, so a layer's save never
-        # waits for the previous one.
+        # saves at once (at most a whole prompt); FlashD2H stages such a save as one piece (one scatter launch, not
+        # one per `max_num_batched_tokens`) and its ring holds two of them, so a layer's save never waits for the
+        # previous one.
         self.segment_per_step = self.segment_unit_tokens = 0
         if segmented_prefill_on(vllm_config):
             layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
             self.segment_per_step = cfg.max_inject_tokens or self.max_num_batched_tokens * layers
             self.segment_unit_tokens = min(self.segment_per_step, vllm_config.model_config.max_model_len)
+        self.save_unit_tokens = max(self.max_num_batched_tokens, self.segment_unit_tokens)  # FlashD2H's piece
         self.num_logical_blocks: int | None = None  # offload: the scheduler's block count (host tier)
         self.tier = None
         self.block_size: int | None = None
@@ -212,8 +214,8 @@ class SparseRuntime:
                         host.nbytes / 2**30, "pinned" if host.pin else "plain", self.num_logical_blocks,
                         kv_cache.numel() // (self.cfg.page_size * kv_cache.shape[-1]))
             self.tier = OffloadTier(host=host, cache_pages=kv_cache.view(-1, self.cfg.page_size, kv_cache.shape[-1]),
-                                    page_size=self.cfg.page_size, max_tokens=self.max_num_batched_tokens,
-                                    staging_tokens=2 * max(self.max_num_batched_tokens, self.segment_unit_tokens))
+                                    page_size=self.cfg.page_size, max_tokens=self.save_unit_tokens,
+                                    staging_tokens=2 * self.save_unit_tokens)
             from sparseserve_vllm.core.working_set import WorkingSetTracker, page_bytes
 
             self.ws_tracker = WorkingSetTracker(

@@ -101,7 +101,13 @@ def test_the_prompt_kv_bypasses_the_hbm_cache_and_an_aborted_prefill_frees_its_b
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from sparseserve_vllm.core.flash_d2h import FlashD2HSaver
+
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: one step per step()
+    parts = []  # tokens of each part FlashD2H stages
+    stage = FlashD2HSaver._save_piece
+    monkeypatch.setattr(FlashD2HSaver, "_save_piece",
+                        lambda saver, layer, k, v, slots: parts.append(slots.numel()) or stage(saver, layer, k, v, slots))
     model = tiny_model("llama", num_layers=LAYERS)
     long_prompt = prompts(1)[3]
     before = stats.read_totals()
@@ -109,6 +115,8 @@ def test_the_prompt_kv_bypasses_the_hbm_cache_and_an_aborted_prefill_frees_its_b
         greedy(llm, [long_prompt], max_tokens=1)
         time.sleep(1.2)
         one = delta(before, stats.read_totals())
+        # A unit's save is staged whole (one scatter), not cut at the step's token budget.
+        assert max(parts) == min(LAYERS * KW["max_num_batched_tokens"], len(long_prompt) - 1), (max(parts), len(long_prompt))
         # Only the prompt's last token went through the HBM page cache: its page, once per layer and KV head
         # (chunked prefill makes every page of the prompt resident in every layer), and only that page came back
         # from host DRAM (the last token's attention was kept from the prefill, no context reloaded).
