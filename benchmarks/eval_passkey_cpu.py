@@ -31,6 +31,32 @@ from sparseserve_vllm.prompts import passkey_prompt  # noqa: E402
 MODE: dict = {"config": None}  # None: dense decode; (selector, budget): sparse decode
 
 
+def score_pages_max_over_heads(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads,
+                               out=None):
+    """`score_pages_torch` with the G query heads of a KV head reduced by max instead of sum (`--gqa-reduce max`,
+    an experiment: SparseServe's kernels sum)."""
+    from sparseserve_vllm.kernels import page_scores
+
+    out = page_scores._validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out)
+    bsz, hq, d = q.shape
+    hkv, n_pages = num_kv_heads, out.shape[2]
+    p = torch.arange(n_pages)
+    blocks = block_table[:bsz, p // ppb].long()
+    slots = (blocks.unsqueeze(1) * hkv + torch.arange(hkv).view(1, hkv, 1)) * ppb + (p % ppb)
+    valid = (p.view(1, -1) < num_full_pages[:bsz].long().view(-1, 1)).unsqueeze(1)
+    pm = meta[torch.where(valid, slots, 0)].float()                                 # [B, Hkv, P, M, D]
+    qg = q.float().view(bsz, hkv, hq // hkv, d)
+    if selector == "quest":
+        s = (torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], qg.clamp(max=0))
+             + torch.einsum("bhpd,bhgd->bhgp", pm[..., 1, :], qg.clamp(min=0)))
+    elif selector == "cuboid_mean":
+        s = torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], qg) + torch.einsum("bhpd,bhgd->bhgp", pm[..., 1, :], qg.abs())
+    else:
+        s = torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], qg)
+    out.copy_(torch.where(valid, s.amax(2), float("-inf")))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -43,7 +69,13 @@ def main() -> None:
     ap.add_argument("--sink-pages", type=int, default=2)
     ap.add_argument("--recent-pages", type=int, default=2)
     ap.add_argument("--dense-layers", type=int, default=0, help="the first N layers decode densely (`dense_layers`)")
+    ap.add_argument("--gqa-reduce", choices=("sum", "max"), default="sum",
+                    help="how a KV head's query heads combine their page scores (SparseServe: sum; max: experiment)")
     args = ap.parse_args()
+    if args.gqa_reduce == "max":
+        from sparseserve_vllm.kernels import page_scores
+
+        page_scores.score_pages_torch = score_pages_max_over_heads
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -95,6 +127,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "placements": args.placements,
         "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": args.page_size,
         "sink_pages": args.sink_pages, "recent_pages": args.recent_pages, "dense_layers": args.dense_layers,
+        "gqa_reduce": args.gqa_reduce,
         "seconds": round(time.time() - t0, 1),
         "accuracy": {k: v / args.placements for k, v in hits.items()}, "answers": answers,
     }
