@@ -39,13 +39,9 @@ def score_pages_max_over_heads(q, meta, block_table, num_full_pages, *, selector
 
     out = page_scores._validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out)
     bsz, hq, d = q.shape
-    hkv, n_pages = num_kv_heads, out.shape[2]
-    p = torch.arange(n_pages)
-    blocks = block_table[:bsz, p // ppb].long()
-    slots = (blocks.unsqueeze(1) * hkv + torch.arange(hkv).view(1, hkv, 1)) * ppb + (p % ppb)
-    valid = (p.view(1, -1) < num_full_pages[:bsz].long().view(-1, 1)).unsqueeze(1)
-    pm = meta[torch.where(valid, slots, 0)].float()                                 # [B, Hkv, P, M, D]
-    qg = q.float().view(bsz, hkv, hq // hkv, d)
+    pm, valid = page_scores.gather_page_metadata(meta, block_table, num_full_pages, batch=bsz,
+                                                 num_kv_heads=num_kv_heads, ppb=ppb, num_pages=out.shape[2])
+    qg = q.float().view(bsz, num_kv_heads, hq // num_kv_heads, d)
     if selector == "quest":
         s = (torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], qg.clamp(max=0))
              + torch.einsum("bhpd,bhgd->bhgp", pm[..., 1, :], qg.clamp(min=0)))

@@ -445,14 +445,17 @@ def plot_offload(results: Path, tag: str, title_suffix: str) -> None:
     save(fig, results / f"offload-{tag}.png")
 
 
+SEGMENTED_SYSTEMS = ("plain", "chunked", "segmented", "offload-chunked")  # gpu_segmented_prefill.py's engines
+SEGMENTED_COLORS = ("tab:green", "tab:gray", "tab:blue", "tab:orange")
+
+
 def plot_segmented(results: Path, pre_name: str, load_name: str, out_name: str, title_suffix: str) -> None:
     pre = load(results, pre_name)
     ld = load(results, load_name)
     if pre is None or ld is None:
         return
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.2))
-    names = ["plain", "chunked", "segmented", "offload-chunked"]
-    colors = ["tab:green", "tab:gray", "tab:blue", "tab:orange"]
+    names, colors = SEGMENTED_SYSTEMS, SEGMENTED_COLORS
     labels = ["KV in HBM,\none step", "KV in HBM,\nchunks", "offload,\nlayer-segmented", "offload,\nchunks"]
     for ax, key, length in ((ax1, "long_s", pre["long_len"]), (ax2, "mid_s", pre["mid_len"])):
         vals = [pre["runs"][n][key] for n in names]
@@ -522,9 +525,7 @@ def plot_set9(results: Path, tag: str, title_suffix: str) -> None:
     ax2.set_title(f"Batch control in graphs ({bc['requests']} x {bc['context'] // 1024}K, {bc['cache_gib']:g} GiB cache):"
                   f"\n{bc['throughput_on_vs_off']}x throughput (goal 1.3x), {bc['loads_off_vs_on']}x fewer loads (goal 10x)",
                   fontsize=9)
-    names = ["plain", "chunked", "segmented", "offload-chunked"]
-    colors = ["tab:green", "tab:gray", "tab:blue", "tab:orange"]
-    for i, (n, c) in enumerate(zip(names, colors)):
+    for i, (n, c) in enumerate(zip(SEGMENTED_SYSTEMS, SEGMENTED_COLORS)):
         vals = [pre["runs"][n]["mid_s"] / pre["runs"]["plain"]["mid_s"], pre["runs"][n]["long_s"] / pre["runs"]["plain"]["long_s"]]
         bars = ax3.bar([x + (i - 1.5) * 0.2 for x in range(2)], vals, 0.2, color=c, label=n)
         label_bars(ax3, bars, "{:.2f}", 7)

@@ -83,19 +83,24 @@ def _query_vectors(qg: torch.Tensor, selector: str) -> tuple[torch.Tensor, torch
     return qg.sum(2), None
 
 
+def gather_page_metadata(meta, block_table, num_full_pages, *, batch, num_kv_heads, ppb, num_pages):
+    """Torch: the metadata rows of every (request, KV head, logical page) `[B, Hkv, P, M, D]` (fp32; pages at or past
+    `num_full_pages` read slot 0) and the mask of the full pages `[B, 1, P]`."""
+    p = torch.arange(num_pages, device=meta.device)
+    blocks = block_table[:batch, p // ppb].long()                                  # [B, P]
+    head = torch.arange(num_kv_heads, device=meta.device).view(1, num_kv_heads, 1)
+    slots = (blocks.unsqueeze(1) * num_kv_heads + head) * ppb + (p % ppb)          # [B, Hkv, P]
+    valid = (p.view(1, -1) < num_full_pages[:batch].long().view(-1, 1)).unsqueeze(1)  # [B, 1, P]
+    return meta[torch.where(valid, slots, torch.zeros_like(slots))].float(), valid
+
+
 def score_pages_torch(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, out=None):
     """Pure-torch page scores (CPU path and reference semantics); see module docstring."""
     out = _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out)
     bsz, hq, d = q.shape
     hkv = num_kv_heads
-    n_pages = out.shape[2]
-    p = torch.arange(n_pages, device=q.device)
-    blocks = block_table[:bsz, p // ppb].long()                                    # [B, P]
-    head = torch.arange(hkv, device=q.device).view(1, hkv, 1)
-    slots = (blocks.unsqueeze(1) * hkv + head) * ppb + (p % ppb)                  # [B, Hkv, P]
-    valid = (p.view(1, -1) < num_full_pages[:bsz].long().view(-1, 1)).unsqueeze(1)  # [B, 1, P]
-    slots = torch.where(valid, slots, torch.zeros_like(slots))
-    pm = meta[slots].float()                                                       # [B, Hkv, P, M, D]
+    pm, valid = gather_page_metadata(meta, block_table, num_full_pages, batch=bsz, num_kv_heads=hkv, ppb=ppb,
+                                     num_pages=out.shape[2])
     a, b = _query_vectors(q.float().view(bsz, hkv, hq // hkv, d), selector)
     s = torch.einsum("bhpd,bhd->bhp", pm[..., 0, :], a)
     if b is not None:
