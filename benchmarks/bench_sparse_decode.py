@@ -3,7 +3,8 @@
 One command does the whole measurement and prints one JSON object (also written to ``--out PATH``):
 
     python benchmarks/bench_sparse_decode.py [--batch 64] [--context 32768] [--budget 2048]
-        [--selector cuboid_mean] [--page-size 32] [--block-size 32] [--iters 100] [--out result.json]
+        [--selector cuboid_mean] [--gqa-reduce sum|max|mass] [--page-size 32] [--block-size 32] [--iters 100]
+        [--out result.json]
 
 Setup (defaults = Llama-3.1-8B attention shape: Hq 32, Hkv 8, D 128, bf16): a random KV cache in the project's
 HND layout ``(num_blocks, Hkv, block_size, 2D)`` holding ``context`` tokens for every request, block tables that
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--budget", type=int, default=2048, help="token budget (num_select = budget // page_size)")
     p.add_argument("--selector", default="cuboid_mean", choices=["cuboid_mean", "quest", "mean"])
+    p.add_argument("--gqa-reduce", default=None, choices=["sum", "max", "mass"],
+                   help="how a KV head's query heads combine page scores (default: the selector's default)")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--block-size", type=int, default=32, help="vLLM block size (a multiple of --page-size)")
     p.add_argument("--num-heads", type=int, default=32)
@@ -68,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON result to this path")
     a = p.parse_args(argv)
+    from sparseserve_vllm.config import DEFAULT_GQA_REDUCE
+
+    a.gqa_reduce = a.gqa_reduce or DEFAULT_GQA_REDUCE[a.selector]
     if a.iters < 50:
         p.error("--iters must be >= 50")
     if a.block_size % a.page_size:
@@ -135,6 +141,7 @@ def tune(a, q, kv_pages, meta, block_table, seq_lens, nf, scale, wrapper, out) -
     """Time each kernel under alternative launch configurations (module launch dicts restored afterwards)."""
     from sparseserve_vllm.kernels import page_scores, page_topk, sparse_decode
     page, ppb, hkv = a.page_size, a.block_size // a.page_size, a.num_kv_heads
+    mass_scale = scale if a.gqa_reduce == "mass" else None
     res: dict[str, dict] = {"score": {}, "select": {}, "attention": {}}
     saved = dict(page_scores.SCORE_LAUNCH), dict(page_topk.SELECT_LAUNCH), dict(sparse_decode.ATTN_LAUNCH)
     try:
@@ -143,7 +150,9 @@ def tune(a, q, kv_pages, meta, block_table, seq_lens, nf, scale, wrapper, out) -
                 page_scores.SCORE_LAUNCH.update(tile_elems=elems, num_warps=nw)
                 res["score"][f"tile_elems={elems},warps={nw}"], _ = time_cuda(
                     lambda: score_pages(q, meta, block_table, nf, selector=a.selector, page_size=page, ppb=ppb,
-                                        num_kv_heads=hkv, out=wrapper._scores), a.iters, a.graph_reps)
+                                        num_kv_heads=hkv, gqa_reduce=a.gqa_reduce, scale=mass_scale,
+                                        head_scores=wrapper._head_scores, out=wrapper._scores),
+                    a.iters, a.graph_reps)
         for nw in (1, 2, 4, 8, 16):
             page_topk.SELECT_LAUNCH.update(num_warps=nw)
             res["select"][f"warps={nw}"], _ = time_cuda(
@@ -192,6 +201,7 @@ def main(argv=None) -> int:
     num_blocks = bsz * blocks_per_req
     max_pages = blocks_per_req * ppb
     scale = d ** -0.5
+    mass_scale = scale if a.gqa_reduce == "mass" else None  # score_pages takes the softmax scale for `mass` only
     elt = torch.tensor([], dtype=dtype).element_size()
     failures: list[str] = []
     t_setup = time.time()
@@ -211,7 +221,8 @@ def main(argv=None) -> int:
 
     num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
     wrapper = SparseDecodeWrapper(hq, hkv, d, page, ppb, selector=a.selector, token_budget=a.budget,
-                                  sink_pages=a.sink_pages, recent_pages=a.recent_pages, device=dev, dtype=dtype)
+                                  sink_pages=a.sink_pages, recent_pages=a.recent_pages, device=dev, dtype=dtype,
+                                  gqa_reduce=a.gqa_reduce)
     wrapper.plan(bsz, max_pages)
     k_sel = wrapper.num_select
     out = torch.empty_like(q)
@@ -222,7 +233,8 @@ def main(argv=None) -> int:
     r = min(a.check_requests, bsz)
     nf = (seq_lens // page).to(torch.int32)
     ref_scores = score_pages_torch(q[:r], meta, block_table[:r], nf[:r], selector=a.selector, page_size=page,
-                                   ppb=ppb, num_kv_heads=hkv, out=torch.empty((r, hkv, max_pages), device=dev))
+                                   ppb=ppb, num_kv_heads=hkv, gqa_reduce=a.gqa_reduce, scale=mass_scale,
+                                   out=torch.empty((r, hkv, max_pages), device=dev))
     got_scores = wrapper._scores[:r]
     fin = torch.isfinite(ref_scores)
     score_err = max_err(got_scores[fin], ref_scores[fin]) / max(ref_scores[fin].abs().max().item(), 1e-6)
@@ -250,7 +262,8 @@ def main(argv=None) -> int:
     slots_buf, lens_buf = wrapper._slots, wrapper._lens
     times["score_pages"], _ = time_cuda(
         lambda: score_pages(q, meta, block_table, nf, selector=a.selector, page_size=page, ppb=ppb,
-                            num_kv_heads=hkv, out=scores_buf), a.iters, a.graph_reps)
+                            num_kv_heads=hkv, gqa_reduce=a.gqa_reduce, scale=mass_scale,
+                            head_scores=wrapper._head_scores, out=scores_buf), a.iters, a.graph_reps)
     times["select_pages_fused_slots"], _ = time_cuda(
         lambda: select_pages(scores_buf, seq_lens, page_size=page, num_select=k_sel, sink_pages=a.sink_pages,
                              recent_pages=a.recent_pages, out=idx_buf, block_table=block_table, ppb=ppb,
@@ -351,6 +364,7 @@ def main(argv=None) -> int:
 
     result = {
         "config": {"batch": bsz, "context": a.context, "budget": a.budget, "selector": a.selector,
+                   "gqa_reduce": a.gqa_reduce,
                    "page_size": page, "block_size": bs, "num_heads": hq, "num_kv_heads": hkv, "head_dim": d,
                    "dtype": "bfloat16", "num_select": k_sel, "sink_pages": a.sink_pages,
                    "recent_pages": a.recent_pages, "num_splits": wrapper.splits_for(bsz), "iters": a.iters,

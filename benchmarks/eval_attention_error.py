@@ -3,8 +3,8 @@
 Runs the built-in SmolLM2-135M-Instruct (transformers, CPU) over pass-key prompts of about `--context` tokens; in
 every layer, the last token's query attends (a) densely to the whole context and (b) through SparseServe's sparse
 decode path (`SparseDecodeWrapper`, torch backend: page metadata, GQA-aware top-k within the budget, attention
-over the chosen pages), for each selector and budget. Reports the relative L2 error ||o_sparse - o_dense|| /
-||o_dense|| (mean and max over layers and prompts) as JSON.
+over the chosen pages), for each selector, budget and GQA reduction (`gqa_reduce` sum and max). Reports the
+relative L2 error ||o_sparse - o_dense|| / ||o_dense|| (mean and max over layers and prompts) as JSON.
 
     python benchmarks/eval_attention_error.py --out benchmarks/results/attention-error-smollm2.json
 """
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sparseserve_vllm.prompts import passkey_document  # noqa: E402
 from sparseserve_vllm.kernels import SparseDecodeWrapper, build_page_metadata, num_meta_vectors  # noqa: E402
+from sparseserve_vllm.config import DEFAULT_GQA_REDUCE, GQA_REDUCES  # noqa: E402
 from sparseserve_vllm.models import smollm2_dir  # noqa: E402
 
 SELECTORS = ("cuboid_mean", "quest", "mean")
@@ -49,7 +50,7 @@ def paged(key, value, page_size=32, block_size=128):
 
 
 def sparse_attention(q_last, layout, selector, budget, scale, page_size=32, block_size=128, sink_pages=2,
-                     recent_pages=2):
+                     recent_pages=2, gqa_reduce=None):
     """SparseServe's decode attention (torch backend) of `q_last [Hq, D]` over a `paged()` context: [Hq, D]."""
     pages, block_table, seq_lens, full, hkv = layout
     d = q_last.shape[-1]
@@ -58,19 +59,22 @@ def sparse_attention(q_last, layout, selector, budget, scale, page_size=32, bloc
     ppb = block_size // page_size
     w = SparseDecodeWrapper(q_last.shape[0], hkv, d, page_size, ppb,
                             selector=selector, token_budget=budget, sink_pages=sink_pages, recent_pages=recent_pages,
-                            device="cpu", dtype=torch.float32, backend="torch")
+                            device="cpu", dtype=torch.float32, backend="torch",
+                            gqa_reduce=gqa_reduce or DEFAULT_GQA_REDUCE[selector])
     w.plan(1, block_table.shape[1] * ppb)
     return w.run(q_last[None].float(), pages, meta, block_table, seq_lens, scale)[0]
 
 
 def sparse_vs_dense(q_last, key, value, scale, budgets):
-    """q_last [Hq, D]; key/value [Hkv, L, D]. Returns {(selector, budget): relative L2 error}."""
+    """q_last [Hq, D]; key/value [Hkv, L, D]. Returns {(selector, budget, gqa_reduce): relative L2 error}."""
     layout = paged(key, value)
     dense = F.scaled_dot_product_attention(q_last[None, :, None].float(), key[None].float(), value[None].float(),
                                            scale=scale, enable_gqa=True)[0, :, 0]
     return {
-        (selector, budget): float((sparse_attention(q_last, layout, selector, budget, scale) - dense).norm() / dense.norm())
-        for selector in SELECTORS for budget in budgets
+        (selector, budget, reduce): float(
+            (sparse_attention(q_last, layout, selector, budget, scale, gqa_reduce=reduce) - dense).norm()
+            / dense.norm())
+        for selector in SELECTORS for budget in budgets for reduce in GQA_REDUCES
     }
 
 
@@ -85,7 +89,7 @@ def main() -> None:
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    records: dict[tuple[str, int], list[float]] = {}
+    records: dict[tuple[str, int, str], list[float]] = {}
 
     def probe(module, query, key, value, attention_mask, scaling=None, **kw):
         errs = sparse_vs_dense(query[0, :, -1], key[0], value[0], scaling, budgets)
@@ -109,8 +113,9 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "prompt_tokens": lengths,
         "page_size": 32, "layers": model.config.num_hidden_layers, "seconds": round(time.time() - t0, 1),
         "relative_l2_error": {
-            f"{sel}@{b}": {"mean": statistics.fmean(v), "max": max(v), "n": len(v)}
-            for (sel, b), v in sorted(records.items())
+            f"{sel}@{b}/{reduce}": {"mean": statistics.fmean(v), "max": max(v), "n": len(v),
+                                    "default_gqa_reduce": reduce == DEFAULT_GQA_REDUCE[sel]}
+            for (sel, b, reduce), v in sorted(records.items())
         },
     }
     Path(args.out).write_text(json.dumps(result, indent=1))

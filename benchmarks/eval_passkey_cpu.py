@@ -25,32 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval_attention_error import SELECTORS, paged, sparse_attention  # noqa: E402
 
+from sparseserve_vllm.config import DEFAULT_GQA_REDUCE  # noqa: E402
 from sparseserve_vllm.models import smollm2_dir  # noqa: E402
 from sparseserve_vllm.prompts import passkey_prompt  # noqa: E402
 
 MODE: dict = {"config": None}  # None: dense decode; (selector, budget): sparse decode
-
-
-def score_pages_max_over_heads(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads,
-                               out=None):
-    """`score_pages_torch` with the G query heads of a KV head reduced by max instead of sum (`--gqa-reduce max`,
-    an experiment: SparseServe's kernels sum)."""
-    from sparseserve_vllm.kernels import page_scores
-
-    out = page_scores._validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out)
-    bsz, hq, d = q.shape
-    pm, valid = page_scores.gather_page_metadata(meta, block_table, num_full_pages, batch=bsz,
-                                                 num_kv_heads=num_kv_heads, ppb=ppb, num_pages=out.shape[2])
-    qg = q.float().view(bsz, num_kv_heads, hq // num_kv_heads, d)
-    if selector == "quest":
-        s = (torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], qg.clamp(max=0))
-             + torch.einsum("bhpd,bhgd->bhgp", pm[..., 1, :], qg.clamp(min=0)))
-    elif selector == "cuboid_mean":
-        s = torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], qg) + torch.einsum("bhpd,bhgd->bhgp", pm[..., 1, :], qg.abs())
-    else:
-        s = torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], qg)
-    out.copy_(torch.where(valid, s.amax(2), float("-inf")))
-    return out
 
 
 def main() -> None:
@@ -65,13 +44,10 @@ def main() -> None:
     ap.add_argument("--sink-pages", type=int, default=2)
     ap.add_argument("--recent-pages", type=int, default=2)
     ap.add_argument("--dense-layers", type=int, default=0, help="the first N layers decode densely (`dense_layers`)")
-    ap.add_argument("--gqa-reduce", choices=("sum", "max"), default="sum",
-                    help="how a KV head's query heads combine their page scores (SparseServe: sum; max: experiment)")
+    ap.add_argument("--gqa-reduce", choices=("sum", "max", "mass"), default=None,
+                    help="how a KV head's query heads combine their page scores (`gqa_reduce`; default: the "
+                         "selector's default, as in SparseServeConfig)")
     args = ap.parse_args()
-    if args.gqa_reduce == "max":
-        from sparseserve_vllm.kernels import page_scores
-
-        page_scores.score_pages_torch = score_pages_max_over_heads
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -81,7 +57,8 @@ def main() -> None:
         selector, budget = MODE["config"]
         layout = paged(key[0], value[0], page_size=args.page_size)
         out = sparse_attention(query[0, :, 0], layout, selector, budget, scaling, page_size=args.page_size,
-                               sink_pages=args.sink_pages, recent_pages=args.recent_pages)
+                               sink_pages=args.sink_pages, recent_pages=args.recent_pages,
+                               gqa_reduce=args.gqa_reduce)
         return out[None, None].to(query.dtype), None
 
     AttentionInterface.register("sparseserve_eval", attention)
@@ -123,7 +100,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "placements": args.placements,
         "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": args.page_size,
         "sink_pages": args.sink_pages, "recent_pages": args.recent_pages, "dense_layers": args.dense_layers,
-        "gqa_reduce": args.gqa_reduce,
+        "gqa_reduce": {s: args.gqa_reduce or DEFAULT_GQA_REDUCE[s] for s in selectors},
         "seconds": round(time.time() - t0, 1),
         "accuracy": {k: v / args.placements for k, v in hits.items()}, "answers": answers,
     }

@@ -18,6 +18,11 @@ from typing import Any, ClassVar
 
 CONFIG_KEY = "sparseserve"
 SELECTORS = ("cuboid_mean", "quest", "mean")
+GQA_REDUCES = ("sum", "max", "mass")
+# How each selector combines the page scores of a KV head's query heads when `gqa_reduce` is null: the cheapest of
+# the most accurate in the pass-key evaluation (benchmarks/results/README.md, "Accuracy on CPU"). `mass` lets the
+# mean key reach dense accuracy at budgets 1024 and 2048; cuboid_mean and quest do as well with `sum` as with `mass`.
+DEFAULT_GQA_REDUCE = {"cuboid_mean": "sum", "quest": "sum", "mean": "mass"}
 
 
 class SparseServeConfigError(ValueError):
@@ -32,6 +37,10 @@ class SparseServeConfig:
     """Tokens per selectable page; must divide vLLM's KV block size."""
     selector: str = "cuboid_mean"
     """Page metadata and score: `cuboid_mean` (ArkVale), `quest` (min/max), `mean` (InfLLM)."""
+    gqa_reduce: str | None = None
+    """How the query heads of a KV head combine their page scores into the one selection per KV head: `sum`, `max`,
+    or `mass` (each head's softmax over the pages, summed: the group's estimated attention mass on a page); null:
+    the selector's default, `mass` for `mean`, `sum` for the others."""
     sink_pages: int = 2
     """Leading pages always attended."""
     recent_pages: int = 2
@@ -62,6 +71,7 @@ class SparseServeConfig:
         "token_budget": "an integer >= page_size",
         "page_size": "a power of two between 8 and 256",
         "selector": f"one of {', '.join(SELECTORS)}",
+        "gqa_reduce": f"one of {', '.join(GQA_REDUCES)}, or null (the selector's default)",
         "sink_pages": "an integer >= 0",
         "recent_pages": "an integer >= 0",
         "dense_layers": "an integer >= 0",
@@ -85,6 +95,8 @@ class SparseServeConfig:
             self._fail("token_budget", self.token_budget)
         if self.selector not in SELECTORS:
             self._fail("selector", self.selector)
+        if self.gqa_reduce is not None and self.gqa_reduce not in GQA_REDUCES:
+            self._fail("gqa_reduce", self.gqa_reduce)
         for name in ("sink_pages", "recent_pages", "dense_layers"):
             if getattr(self, name) < 0:
                 self._fail(name, getattr(self, name))
@@ -123,6 +135,11 @@ class SparseServeConfig:
     @property
     def num_select_pages(self) -> int:
         return self.token_budget // self.page_size
+
+    @property
+    def resolved_gqa_reduce(self) -> str:
+        """`gqa_reduce`, or the selector's default when it is null."""
+        return self.gqa_reduce or DEFAULT_GQA_REDUCE[self.selector]
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> "SparseServeConfig":
@@ -167,6 +184,7 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         "float | None": (int, float, type(None)),
         "int | None": (int, type(None)),
         "bool | None": (bool, type(None)),
+        "str | None": (str, type(None)),
     }[annotation]
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if not ok:

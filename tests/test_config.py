@@ -14,8 +14,16 @@ def test_defaults_and_absent_key():
     assert SparseServeConfig.from_additional_config(None) == cfg
 
 
+def test_gqa_reduce_defaults_per_selector_unless_set():
+    assert parse().resolved_gqa_reduce == "sum"
+    assert parse(selector="quest").resolved_gqa_reduce == "sum"
+    assert parse(selector="mean").resolved_gqa_reduce == "mass"
+    assert parse(selector="mean", gqa_reduce="sum").resolved_gqa_reduce == "sum"
+    assert parse(selector="quest", gqa_reduce="max").resolved_gqa_reduce == "max"
+
+
 def test_all_keys_accepted():
-    cfg = parse(token_budget=1024, page_size=16, selector="quest", sink_pages=1, recent_pages=3, dense_layers=2,
+    cfg = parse(token_budget=1024, page_size=16, selector="quest", gqa_reduce="max", sink_pages=1, recent_pages=3, dense_layers=2,
                 offload=True, host_kv_gib=8, hbm_cache_gib=2.5, working_set_window=4, batch_control=False,
                 layer_segmented_prefill=True, max_inject_tokens=4096, stats_interval_s=0)
     assert cfg.page_size == 16 and cfg.offload and cfg.hbm_cache_gib == 2.5 and not cfg.batch_control
@@ -32,6 +40,8 @@ def test_all_keys_accepted():
         ({"page_size": 512}, ["page_size", "power of two"]),
         ({"page_size": 4}, ["page_size"]),
         ({"selector": "topk"}, ["selector", "cuboid_mean", "quest", "mean"]),
+        ({"gqa_reduce": "mean"}, ["gqa_reduce", "sum, max, mass", "null"]),
+        ({"gqa_reduce": 1}, ["gqa_reduce", "str or null"]),
         ({"sink_pages": -1}, ["sink_pages", ">= 0"]),
         ({"recent_pages": -2}, ["recent_pages", ">= 0"]),
         ({"dense_layers": -1}, ["dense_layers", ">= 0"]),

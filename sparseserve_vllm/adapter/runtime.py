@@ -59,6 +59,14 @@ logger = plugin_logger(__name__)
 _RUNTIME: "SparseRuntime | None" = None
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without blocking the host: staged through pinned memory on CUDA (a non-blocking copy
+    from pageable memory is synchronous there); a plain copy elsewhere."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def get_runtime(vllm_config) -> "SparseRuntime":
     global _RUNTIME
     if _RUNTIME is None or not _RUNTIME.serves(vllm_config):
@@ -157,8 +165,7 @@ class SparseRuntime:
         req = torch.repeat_interleave(torch.arange(lens.numel()), count)
         offs = torch.arange(total) - torch.repeat_interleave(count.cumsum(0) - count, count)
         page = torch.repeat_interleave(first, count) + offs
-        req_d = req.to(block_table.device, non_blocking=True)
-        page_d = page.to(block_table.device, non_blocking=True)
+        req_d, page_d = upload(req, block_table.device), upload(page, block_table.device)
         blocks = block_table[req_d, page_d // self.ppb].to(torch.long)
         heads = torch.arange(self.num_kv_heads, device=block_table.device)
         flat = (blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.ppb + (page_d % self.ppb)[:, None]
@@ -193,6 +200,7 @@ class SparseRuntime:
                 num_qo_heads=num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
                 page_size=c.page_size, ppb=self.ppb, selector=c.selector, token_budget=c.token_budget,
                 sink_pages=c.sink_pages, recent_pages=c.recent_pages, device=device, dtype=dtype,
+                gqa_reduce=c.resolved_gqa_reduce,
             )
             self.wrapper.plan(max_batch, max_pages)
         return self.wrapper
@@ -254,7 +262,7 @@ class SparseRuntime:
         dev = self.ws_tracker.device
         pages = self.tier.block_pages(block_table[:, :nb])  # [R, nb, Hkv, ppb]
         index = (torch.arange(nb)[:, None] * self.ppb + torch.arange(self.ppb))[None, :, None, :]  # page in request
-        valid = (index < ((lens + ps - 1) // ps)[:, None, None, None]).to(dev, non_blocking=True)
+        valid = upload(index < ((lens + ps - 1) // ps)[:, None, None, None], dev)
         owned = torch.where(valid, pages, -1).reshape(lens.numel(), -1)
         self._ws_rows = (block_table[:, 0].to(dev, torch.long), owned)
 

@@ -1,10 +1,13 @@
 """FlashInfer-style plan()/run() wrapper for one layer's sparse decode step: score -> select -> slots -> attend.
 
 ``SparseDecodeWrapper(num_qo_heads, num_kv_heads, head_dim, page_size, ppb, selector="cuboid_mean",
-token_budget=2048, sink_pages=2, recent_pages=2, device="cuda", dtype=torch.bfloat16, backend="auto")``
+token_budget=2048, sink_pages=2, recent_pages=2, device="cuda", dtype=torch.bfloat16, backend="auto",
+gqa_reduce="sum")``
   * ``num_select = token_budget // page_size`` pages are attended per (request, KV head); ``ValueError`` if
     ``sink_pages + recent_pages + 1 > num_select``.
   * ``backend``: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton for a CUDA ``device``, torch otherwise).
+  * ``gqa_reduce``: ``"sum"``, ``"max"`` or ``"mass"``, how a KV head's query heads combine page scores
+    (``score_pages``; ``"mass"`` uses ``run``'s ``scale`` and a per-head score buffer from ``plan``).
 
 ``plan(batch_size, max_pages, num_splits=None)`` (host side, once per batch shape) allocates every intermediate
 buffer (num_full_pages, scores ``[B, Hkv, max_pages]`` f32, page indices / slots / page lengths
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .page_scores import score_pages
+from .page_scores import GQA_REDUCES, score_pages
 from .page_topk import select_pages
 from .pages import num_meta_vectors, resolve_backend
 from .sparse_decode import alloc_split_workspace, choose_num_splits, sparse_decode_attention
@@ -47,7 +50,8 @@ class SparseDecodeWrapper:
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, ppb: int,
                  selector: str = "cuboid_mean", token_budget: int = 2048, sink_pages: int = 2,
-                 recent_pages: int = 2, device="cuda", dtype: torch.dtype = torch.bfloat16, backend: str = "auto"):
+                 recent_pages: int = 2, device="cuda", dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+                 gqa_reduce: str = "sum"):
         for name, v in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                         ("page_size", page_size), ("ppb", ppb), ("token_budget", token_budget)):
             if not isinstance(v, int) or v <= 0:
@@ -55,6 +59,8 @@ class SparseDecodeWrapper:
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_qo_heads={num_qo_heads}")
         num_meta_vectors(selector)
+        if gqa_reduce not in GQA_REDUCES:
+            raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCES)}, got {gqa_reduce!r}")
         if token_budget < page_size:
             raise ValueError(f"token_budget must be >= page_size={page_size}, got {token_budget}")
         self.num_select = token_budget // page_size
@@ -67,7 +73,7 @@ class SparseDecodeWrapper:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
-        self.page_size, self.ppb, self.selector = page_size, ppb, selector
+        self.page_size, self.ppb, self.selector, self.gqa_reduce = page_size, ppb, selector, gqa_reduce
         self.token_budget, self.sink_pages, self.recent_pages = token_budget, sink_pages, recent_pages
         self.device, self.dtype = torch.device(device), dtype
         self.backend = resolve_backend(backend, torch.empty(0, device=self.device))
@@ -94,6 +100,8 @@ class SparseDecodeWrapper:
         self.num_splits = min(num_splits, k)  # the most splits any run uses (the workspace's size)
         self._nfull = torch.zeros(batch_size, dtype=torch.int32, device=dev)
         self._scores = torch.empty((batch_size, hkv, max_pages), dtype=torch.float32, device=dev)
+        self._head_scores = (torch.empty((batch_size, self.num_qo_heads, max_pages), dtype=torch.float32, device=dev)
+                             if self.gqa_reduce == "mass" else None)
         self._page_idx = torch.full((batch_size, hkv, k), -1, dtype=torch.int32, device=dev)
         self._slots = torch.zeros((batch_size, hkv, k), dtype=torch.int32, device=dev)
         self._lens = torch.zeros((batch_size, hkv, k), dtype=torch.int32, device=dev)
@@ -126,7 +134,9 @@ class SparseDecodeWrapper:
         page_idx, slots, lens = self._page_idx[:b], self._slots[:b], self._lens[:b]
         torch.floor_divide(seq_lens[:b], self.page_size, out=nfull)
         score_pages(q, meta, block_table, nfull, selector=self.selector, page_size=self.page_size, ppb=self.ppb,
-                    num_kv_heads=self.num_kv_heads, out=scores, backend=self.backend)
+                    num_kv_heads=self.num_kv_heads, gqa_reduce=self.gqa_reduce,
+                    scale=scale if self.gqa_reduce == "mass" else None, head_scores=self._head_scores, out=scores,
+                    backend=self.backend)
         select_pages(scores, seq_lens, page_size=self.page_size, num_select=self.num_select,
                      sink_pages=self.sink_pages, recent_pages=self.recent_pages, out=page_idx,
                      block_table=block_table, ppb=self.ppb, slots_out=slots, lens_out=lens,

@@ -1,7 +1,8 @@
 """Page scoring for dynamic sparse decode: one criticality score per (request, KV head, logical page).
 
-``score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, out=None,
-backend="auto")`` and its reference/CPU path ``score_pages_torch`` (same arguments, no ``backend``).
+``score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, gqa_reduce="sum",
+scale=None, head_scores=None, out=None, backend="auto")`` and its reference/CPU path ``score_pages_torch`` (same
+arguments, no ``backend``).
 
 Inputs
   * ``q``: ``[B, Hq, D]`` bf16/fp16/fp32, last dim contiguous. Query heads ``h*G .. h*G+G-1`` (``G = Hq // Hkv``)
@@ -10,20 +11,31 @@ Inputs
     ``M`` = 2 for ``quest`` (``[0]`` = per-dim min, ``[1]`` = max) and ``cuboid_mean`` (``[0]`` = centre,
     ``[1]`` = mean |k - centre|), 1 for ``mean``.
   * ``block_table``: ``[>= B, max_blocks]`` int32/int64; ``num_full_pages``: ``[>= B]`` int (``seq_len // page_size``).
+  * ``gqa_reduce``: ``"sum"``, ``"max"`` or ``"mass"``, how the G query heads of a KV head combine their page scores.
+  * ``scale``: the attention's softmax scale, required by ``"mass"`` and refused by the others.
+  * ``head_scores``: ``"mass"`` only, optional float32 workspace ``[>= B, Hq, P]`` with a contiguous last dim (the
+    per-head scores; allocated when not given).
   * ``out``: optional ``[B, Hkv, P]`` float32 with ``P <= max_blocks * ppb`` (default ``P = max_blocks * ppb``).
 
-Output ``out[b, h, p]`` (float32, accumulated in fp32) for ``p < num_full_pages[b]`` is the sum over the G query
-heads ``q`` of KV head ``h`` of the page score of page ``p`` (slot ``(block_table[b, p//ppb]*Hkv + h)*ppb + p%ppb``):
-  * quest: ``sum_i max(q_i*max_i, q_i*min_i)``;  cuboid_mean: ``q.c + |q|.r``;  mean: ``q.m``.
+With ``s_g(p)`` the page score of page ``p`` (slot ``(block_table[b, p//ppb]*Hkv + h)*ppb + p%ppb``) for query head
+``g`` of KV head ``h``:
+  * quest: ``sum_i max(q_i*max_i, q_i*min_i)``;  cuboid_mean: ``q.c + |q|.r``;  mean: ``q.m``,
+the output ``out[b, h, p]`` (float32, accumulated in fp32) for ``p < num_full_pages[b]`` is
+  * ``"sum"``: ``sum_g s_g(p)``;  ``"max"``: ``max_g s_g(p)``;
+  * ``"mass"``: ``log sum_g softmax_p(scale * s_g)(p)``, the log of the attention mass the group's heads would put
+    on the page if ``s_g`` were its keys' logits (each head's softmax over the request's full pages);
 ``out[b, h, p] = -inf`` for ``p >= num_full_pages[b]``. Block-table entries of pages ``>= num_full_pages`` are never
-read. All three scores are linear in per-head query vectors once the sign of ``q_i`` is known, so the G heads
-are folded into two D-vectors before touching metadata (quest uses ``max(q*max, q*min) = max(q,0)*max +
-min(q,0)*min``, exact whenever ``min <= max``, which ``build_page_metadata`` guarantees).
+read. All three scores are linear in per-head query vectors once the sign of ``q_i`` is known, so with ``"sum"`` the
+G heads are folded into two D-vectors before touching metadata (quest uses ``max(q*max, q*min) = max(q,0)*max +
+min(q,0)*min``, exact whenever ``min <= max``, which ``build_page_metadata`` guarantees); with ``"max"`` and
+``"mass"`` each head is scored against the same metadata tile (G times the multiply-adds, the same bytes read);
+``"mass"`` writes the scaled per-head scores to ``head_scores`` and combines them with two torch ``logsumexp``
+reductions (graph-capturable; they take temporaries from torch's caching allocator).
 
 The Triton kernel runs one program per (request, block of ``BLOCK_P`` logical pages) covering ALL KV heads, so
 with the shared layout it reads each vLLM block's metadata (``Hkv * ppb`` consecutive slots) as one contiguous
 chunk, and every metadata row exactly once. It never synchronises with the host and allocates nothing when
-``out`` is given.
+``out`` is given (``"mass"``: see above).
 """
 
 from __future__ import annotations
@@ -35,13 +47,22 @@ import triton.language as tl
 from .pages import num_meta_vectors, resolve_backend
 
 SELECTOR_CODES = {"quest": 0, "cuboid_mean": 1, "mean": 2}
+GQA_REDUCES = ("sum", "max", "mass")
+REDUCE_CODES = {"sum": 0, "max": 1, "mass": 2}
 # Launch configuration (tuned on H200 by benchmarks/bench_sparse_decode.py --tune).
 # tile_elems bounds BLOCK_P * Hkv * M * D (rounded to powers of two): the [pages, heads, M*D] tile per program.
 SCORE_LAUNCH = {"tile_elems": 16384, "num_warps": 8}
 
 
-def _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out):
+def _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out, gqa_reduce="sum",
+              scale=None):
     m = num_meta_vectors(selector)
+    if gqa_reduce not in GQA_REDUCES:
+        raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCES)}, got {gqa_reduce!r}")
+    if gqa_reduce == "mass" and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"gqa_reduce='mass' needs the attention's softmax scale (a number > 0), got scale={scale!r}")
+    if gqa_reduce != "mass" and scale is not None:
+        raise ValueError(f"scale is used by gqa_reduce='mass' only, got scale={scale!r} with gqa_reduce={gqa_reduce!r}")
     for name, v in (("page_size", page_size), ("ppb", ppb), ("num_kv_heads", num_kv_heads)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -75,12 +96,12 @@ def _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, nu
 
 
 def _query_vectors(qg: torch.Tensor, selector: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fold the G query heads ``qg [B, Hkv, G, D]`` (fp32) into the vectors multiplying meta[0] and meta[1]."""
+    """The vectors multiplying meta[0] and meta[1] for query heads ``qg [..., D]`` (fp32)."""
     if selector == "quest":
-        return qg.clamp(max=0).sum(2), qg.clamp(min=0).sum(2)
+        return qg.clamp(max=0), qg.clamp(min=0)
     if selector == "cuboid_mean":
-        return qg.sum(2), qg.abs().sum(2)
-    return qg.sum(2), None
+        return qg, qg.abs()
+    return qg, None
 
 
 def gather_page_metadata(meta, block_table, num_full_pages, *, batch, num_kv_heads, ppb, num_pages):
@@ -94,51 +115,63 @@ def gather_page_metadata(meta, block_table, num_full_pages, *, batch, num_kv_hea
     return meta[torch.where(valid, slots, torch.zeros_like(slots))].float(), valid
 
 
-def score_pages_torch(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, out=None):
+def _combine_mass(head_scores: torch.Tensor, num_kv_heads: int, out: torch.Tensor) -> torch.Tensor:
+    """``out [B, Hkv, P] = log sum_g softmax_p(head_scores)`` for scaled per-head scores ``[B, Hq, P]`` (-inf on pages
+    that are not full; a request without full pages gets -inf everywhere, never NaN)."""
+    z = head_scores.unflatten(1, (num_kv_heads, -1))                                # [B, Hkv, G, P]
+    lse = torch.logsumexp(z, dim=3, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
+    return torch.logsumexp(z - lse, dim=2, out=out)
+
+
+def score_pages_torch(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads,
+                      gqa_reduce="sum", scale=None, head_scores=None, out=None):
     """Pure-torch page scores (CPU path and reference semantics); see module docstring."""
-    out = _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out)
+    out = _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out, gqa_reduce,
+                    scale)
     bsz, hq, d = q.shape
     hkv = num_kv_heads
     pm, valid = gather_page_metadata(meta, block_table, num_full_pages, batch=bsz, num_kv_heads=hkv, ppb=ppb,
                                      num_pages=out.shape[2])
-    a, b = _query_vectors(q.float().view(bsz, hkv, hq // hkv, d), selector)
-    s = torch.einsum("bhpd,bhd->bhp", pm[..., 0, :], a)
+    a, b = _query_vectors(q.float().view(bsz, hkv, hq // hkv, d), selector)   # [B, Hkv, G, D]
+    if gqa_reduce == "sum":   # fold the group first: one D-vector per metadata row
+        a, b = a.sum(2, keepdim=True), (None if b is None else b.sum(2, keepdim=True))
+    s = torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], a)
     if b is not None:
-        s = s + torch.einsum("bhpd,bhd->bhp", pm[..., 1, :], b)
-    out.copy_(torch.where(valid, s, torch.full_like(s, float("-inf"))))
-    return out
+        s = s + torch.einsum("bhpd,bhgd->bhgp", pm[..., 1, :], b)
+    s = torch.where(valid.unsqueeze(2), s, float("-inf"))                           # [B, Hkv, G or 1, P]
+    if gqa_reduce == "mass":
+        return _combine_mass((s * scale).flatten(1, 2), hkv, out)
+    return out.copy_(s.amax(2) if gqa_reduce == "max" else s.squeeze(2))
+
+
+@triton.jit
+def _query_weights(qe, first, SELECTOR: tl.constexpr):
+    """A query head's weights in the metadata row's layout (column j multiplies meta[slot, j // D, j % D])."""
+    if SELECTOR == 0:
+        return tl.where(first, tl.minimum(qe, 0.0), tl.maximum(qe, 0.0))
+    elif SELECTOR == 1:
+        return tl.where(first, qe, tl.abs(qe))
+    else:
+        return qe
 
 
 @triton.jit
 def _score_pages_kernel(
-    q_ptr, meta_ptr, bt_ptr, nf_ptr, out_ptr,
-    stride_qb, stride_qh, stride_mn, stride_mm, stride_btb, stride_ob, stride_oh,
-    n_pages, ppb,
+    q_ptr, meta_ptr, bt_ptr, nf_ptr, out_ptr, head_ptr,
+    stride_qb, stride_qh, stride_mn, stride_mm, stride_btb, stride_ob, stride_oh, stride_hb, stride_hh,
+    n_pages, ppb, scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M: tl.constexpr, SELECTOR: tl.constexpr,
+    REDUCE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_MD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     b = tl.program_id(0)
     pid_p = tl.program_id(1)
-    # Column j of a page's metadata row is meta[slot, j // D, j % D]; the query weights (the G heads of each KV
-    # head folded by the selector's sign rule) are built directly in that layout.
     hh = tl.arange(0, BLOCK_H)
-    g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, BLOCK_MD)
     hmask = hh < HKV
     jmask = j < M * D
     which = j // D
     col = j % D
-    qe = tl.load(q_ptr + b * stride_qb + (hh[:, None, None] * G + g[None, :, None]) * stride_qh
-                 + col[None, None, :],
-                 mask=hmask[:, None, None] & (g < G)[None, :, None] & jmask[None, None, :],
-                 other=0.0).to(tl.float32)                                          # [H, G, MD]
-    first = (which == 0)[None, None, :]
-    if SELECTOR == 0:
-        w = tl.sum(tl.where(first, tl.minimum(qe, 0.0), tl.maximum(qe, 0.0)), axis=1)
-    elif SELECTOR == 1:
-        w = tl.sum(tl.where(first, qe, tl.abs(qe)), axis=1)
-    else:
-        w = tl.sum(qe, axis=1)                                                       # [H, MD]
 
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     nf = tl.load(nf_ptr + b)
@@ -148,34 +181,72 @@ def _score_pages_kernel(
     rows = meta_ptr + slot[:, :, None] * stride_mn + (which * stride_mm + col)[None, None, :]
     mt = tl.load(rows, mask=valid[:, None, None] & hmask[None, :, None] & jmask[None, None, :],
                  other=0.0).to(tl.float32)                                           # [P, H, MD]
-    s = tl.sum(mt * w[None, :, :], axis=2)                                           # [P, H]
-    s = tl.where(valid[:, None], s, float("-inf"))
-    tl.store(out_ptr + b * stride_ob + hh[None, :] * stride_oh + p[:, None], s,
-             mask=(p < n_pages)[:, None] & hmask[None, :])
+    q_row = q_ptr + b * stride_qb + col
+    if REDUCE != 0:
+        # Each query head of the group against the same metadata tile: keep the maximum (REDUCE 1) or store the
+        # scaled per-head scores for the mass combination (REDUCE 2).
+        s = tl.full((BLOCK_P, BLOCK_H), float("-inf"), tl.float32)
+        for gi in tl.static_range(G):
+            qe = tl.load(q_row[None, :] + (hh[:, None] * G + gi) * stride_qh,
+                         mask=hmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)   # [H, MD]
+            w = _query_weights(qe, (which == 0)[None, :], SELECTOR)
+            sg = tl.sum(mt * w[None, :, :], axis=2)                                  # [P, H]
+            if REDUCE == 1:
+                s = tl.maximum(s, sg)
+            else:
+                tl.store(head_ptr + b * stride_hb + (hh[None, :] * G + gi) * stride_hh + p[:, None],
+                         tl.where(valid[:, None], sg * scale, float("-inf")),
+                         mask=(p < n_pages)[:, None] & hmask[None, :])
+    else:
+        # The G heads of each KV head folded by the selector's sign rule into one weight row.
+        g = tl.arange(0, BLOCK_G)
+        qe = tl.load(q_row[None, None, :] + (hh[:, None, None] * G + g[None, :, None]) * stride_qh,
+                     mask=hmask[:, None, None] & (g < G)[None, :, None] & jmask[None, None, :],
+                     other=0.0).to(tl.float32)                                      # [H, G, MD]
+        w = tl.sum(_query_weights(qe, (which == 0)[None, None, :], SELECTOR), axis=1)   # [H, MD]
+        s = tl.sum(mt * w[None, :, :], axis=2)                                       # [P, H]
+    if REDUCE != 2:
+        s = tl.where(valid[:, None], s, float("-inf"))
+        tl.store(out_ptr + b * stride_ob + hh[None, :] * stride_oh + p[:, None], s,
+                 mask=(p < n_pages)[:, None] & hmask[None, :])
 
 
-def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, out=None,
-                backend="auto"):
+def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, gqa_reduce="sum",
+                scale=None, head_scores=None, out=None, backend="auto"):
     """Page scores ``[B, Hkv, P]`` float32 (see module docstring); Triton on CUDA, torch on CPU by default."""
     if resolve_backend(backend, q) == "torch":
         return score_pages_torch(q, meta, block_table, num_full_pages, selector=selector, page_size=page_size,
-                                 ppb=ppb, num_kv_heads=num_kv_heads, out=out)
-    out = _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out)
+                                 ppb=ppb, num_kv_heads=num_kv_heads, gqa_reduce=gqa_reduce, scale=scale,
+                                 head_scores=head_scores, out=out)
+    out = _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out, gqa_reduce,
+                    scale)
     bsz, hq, d = q.shape
     n_pages = out.shape[2]
     if bsz == 0 or n_pages == 0:
         return out
+    if gqa_reduce == "mass":
+        if head_scores is None:
+            head_scores = torch.empty((bsz, hq, n_pages), dtype=torch.float32, device=q.device)
+        elif (head_scores.dim() != 3 or head_scores.shape[0] < bsz or head_scores.shape[1] != hq
+              or head_scores.shape[2] < n_pages or head_scores.dtype != torch.float32 or head_scores.stride(-1) != 1):
+            raise ValueError(f"head_scores must be float32 [>= B={bsz}, Hq={hq}, >= P={n_pages}] with a contiguous "
+                             f"last dim, got {head_scores.dtype} {tuple(head_scores.shape)}")
+        head_scores = head_scores[:bsz, :, :n_pages]
     g = hq // num_kv_heads
     block_h = triton.next_power_of_2(num_kv_heads)
     block_md = triton.next_power_of_2(meta.shape[1] * d)
     block_p = max(1, min(128, SCORE_LAUNCH["tile_elems"] // (block_h * block_md)))
+    head = out if head_scores is None else head_scores
     _score_pages_kernel[(bsz, triton.cdiv(n_pages, block_p))](
-        q, meta, block_table, num_full_pages, out,
+        q, meta, block_table, num_full_pages, out, head,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), block_table.stride(0),
-        out.stride(0), out.stride(1),
-        n_pages, ppb,
+        out.stride(0), out.stride(1), head.stride(0), head.stride(1),
+        n_pages, ppb, float(scale or 1.0),
         HKV=num_kv_heads, G=g, D=d, M=meta.shape[1], SELECTOR=SELECTOR_CODES[selector],
+        REDUCE=REDUCE_CODES[gqa_reduce],
         BLOCK_H=block_h, BLOCK_G=triton.next_power_of_2(g), BLOCK_MD=block_md, BLOCK_P=block_p,
         num_warps=SCORE_LAUNCH["num_warps"],
     )
+    if gqa_reduce == "mass":
+        _combine_mass(head_scores, num_kv_heads, out)
     return out

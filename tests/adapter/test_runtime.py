@@ -1,7 +1,8 @@
 """`SparseRuntime`: it is per engine (copies and `with_hf_config` views of an engine's config keep its runtime, another
 engine's config does not, and a replaced runtime's statistics thread ends), and it reports each decode request's
 working set in bytes, one step late (without a host sync), tagged with the step it describes, so that the scheduler's
-`StepOwners` credits it to the request that held the block then, never to a later owner."""
+`StepOwners` credits it to the request that held the block then, never to a later owner. Its decode wrapper takes the
+configured selector and GQA reduction."""
 
 import threading
 import time
@@ -136,3 +137,15 @@ def test_a_finished_requests_late_report_is_never_credited_to_the_new_owner_of_i
     assert step(6, "B", [a0, None]) == {"A": 2 * HKV * PAGE, "C": HKV * PAGE}
     assert step(7, "B", [a0, None]) == {"B": HKV * PAGE, "C": HKV * PAGE}
     close(rt)
+
+
+@pytest.mark.parametrize("selector, setting, expected", [("mean", None, "mass"), ("cuboid_mean", None, "sum"),
+                                                         ("quest", "max", "max"), ("mean", "sum", "sum")])
+def test_the_decode_wrapper_combines_a_gqa_group_as_configured(selector, setting, expected):
+    rt = SparseRuntime(SparseServeConfig(selector=selector, gqa_reduce=setting, stats_interval_s=0),
+                       stub_config("gqa", None))
+    rt.bind_geometry(block_size=32, num_kv_heads=HKV, head_size=D, num_layers=3)
+    w = rt.make_wrapper(num_qo_heads=2 * HKV, dtype=torch.float32, device=torch.device("cpu"), max_batch=2,
+                        max_pages=8)
+    assert (w.selector, w.gqa_reduce) == (selector, expected)
+    rt.stop()

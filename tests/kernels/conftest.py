@@ -60,8 +60,9 @@ def slot_of(bt_row, p, h, hkv, ppb):
     return (int(bt_row[p // ppb]) * hkv + h) * ppb + p % ppb
 
 
-def ref_scores(q, meta, block_table, num_full, selector, ppb, hkv, n_pages):
-    """float64 page scores by the literal per-head formulas, summed over each KV head's query heads."""
+def ref_scores(q, meta, block_table, num_full, selector, ppb, hkv, n_pages, gqa_reduce="sum", scale=None):
+    """float64 page scores by the literal per-head formulas, combined over each KV head's query heads: summed,
+    maxed, or (mass) the log of the summed per-head softmax over the request's full pages of `scale` x score."""
     q = q.double().cpu()
     meta = meta.double().cpu()
     bt = block_table.cpu()
@@ -70,18 +71,30 @@ def ref_scores(q, meta, block_table, num_full, selector, ppb, hkv, n_pages):
     out = torch.full((bsz, hkv, n_pages), float("-inf"), dtype=torch.float64)
     for b in range(bsz):
         for h in range(hkv):
-            for p in range(min(int(num_full[b]), n_pages)):
+            pages = range(min(int(num_full[b]), n_pages))
+            per_head = {}  # (page, query head in group) -> score
+            for p in pages:
                 m = meta[slot_of(bt[b], p, h, hkv, ppb)]
-                total = 0.0
                 for j in range(g):
                     qq = q[b, h * g + j]
                     if selector == "quest":
-                        total += torch.maximum(qq * m[1], qq * m[0]).sum().item()
+                        per_head[p, j] = torch.maximum(qq * m[1], qq * m[0]).sum().item()
                     elif selector == "cuboid_mean":
-                        total += (qq @ m[0] + qq.abs() @ m[1]).item()
+                        per_head[p, j] = (qq @ m[0] + qq.abs() @ m[1]).item()
                     else:
-                        total += (qq @ m[0]).item()
-                out[b, h, p] = total
+                        per_head[p, j] = (qq @ m[0]).item()
+            for p in pages:
+                heads = [per_head[p, j] for j in range(g)]
+                if gqa_reduce == "sum":
+                    out[b, h, p] = sum(heads)
+                elif gqa_reduce == "max":
+                    out[b, h, p] = max(heads)
+                else:
+                    mass = 0.0
+                    for j in range(g):
+                        norm = sum(math.exp(scale * (per_head[o, j] - per_head[p, j])) for o in pages)
+                        mass += 1.0 / norm
+                    out[b, h, p] = math.log(mass)
     return out
 
 

@@ -49,21 +49,23 @@ def test_full_budget_equals_dense_decode(backend, dtype, hq, hkv, d, page, ppb, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("selector", ["cuboid_mean", "quest"])
-def test_sparse_step_matches_reference_pipeline(backend, selector):
+@pytest.mark.parametrize("selector, gqa_reduce", [("cuboid_mean", "sum"), ("quest", "max"), ("mean", "mass")])
+def test_sparse_step_matches_reference_pipeline(backend, selector, gqa_reduce):
     bsz, hq, hkv, d, page, ppb, max_blocks = 3, 8, 2, 64, 16, 2, 6
     budget, sink, recent = 6 * page, 1, 2
     seq = [max_blocks * ppb * page, 7 * page + 5, 5 * page]      # sparse, sparse+partial, dense (5 <= 6 pages)
     kv, kv_pages, meta, bt, q, seq_t = _setup(bsz, hq, hkv, d, page, ppb, max_blocks, seq, selector,
                                               torch.float32, 33)
     w = SparseDecodeWrapper(hq, hkv, d, page, ppb, selector=selector, token_budget=budget, sink_pages=sink,
-                            recent_pages=recent, device=DEVICE, dtype=torch.float32, backend=backend)
+                            recent_pages=recent, device=DEVICE, dtype=torch.float32, backend=backend,
+                            gqa_reduce=gqa_reduce)
     w.plan(bsz + 2, max_blocks * ppb)                             # a larger plan serves a smaller batch
     out = torch.full_like(q, float("nan"))
     w.run(q, kv_pages, meta, bt, seq_t, 0.2, out=out)
 
     nf = seq_t.cpu() // page
-    scores = ref_scores(q, meta, bt, nf, selector, ppb, hkv, max_blocks * ppb)
+    scores = ref_scores(q, meta, bt, nf, selector, ppb, hkv, max_blocks * ppb, gqa_reduce,
+                        0.2 if gqa_reduce == "mass" else None)
     sel = ref_select(scores, seq_t, page, budget // page, sink, recent)
     assert torch.equal(w.last_page_indices.cpu(), sel)
     slots, lens = ref_slots(sel, bt, seq_t, page, ppb, hkv)
@@ -81,12 +83,14 @@ def test_sparse_step_matches_reference_pipeline(backend, selector):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-def test_run_is_cuda_graph_capturable():
+@pytest.mark.parametrize("gqa_reduce", ["sum", "mass"])
+def test_run_is_cuda_graph_capturable(gqa_reduce):
     bsz, hq, hkv, d, page, ppb, max_blocks = 4, 32, 8, 128, 32, 1, 40
     seq = [max_blocks * page, 1000, 33, 700]
     kv, kv_pages, meta, bt, q, seq_t = _setup(bsz, hq, hkv, d, page, ppb, max_blocks, seq, "cuboid_mean",
                                               torch.bfloat16, 5)
-    w = SparseDecodeWrapper(hq, hkv, d, page, ppb, token_budget=512, device=DEVICE, dtype=torch.bfloat16)
+    w = SparseDecodeWrapper(hq, hkv, d, page, ppb, token_budget=512, device=DEVICE, dtype=torch.bfloat16,
+                            gqa_reduce=gqa_reduce)
     w.plan(bsz, max_blocks * ppb, num_splits=2)
     eager = w.run(q, kv_pages, meta, bt, seq_t, d ** -0.5).clone()
     stream = torch.cuda.Stream()
@@ -112,6 +116,8 @@ def test_constructor_and_plan_validation():
         SparseDecodeWrapper(8, 2, 64, 16, 1, selector="oracle", device=DEVICE)
     with pytest.raises(ValueError, match="backend"):
         SparseDecodeWrapper(8, 2, 64, 16, 1, device=DEVICE, backend="cuda")
+    with pytest.raises(ValueError, match="gqa_reduce must be one of sum, max, mass"):
+        SparseDecodeWrapper(8, 2, 64, 16, 1, device=DEVICE, gqa_reduce="softmax")
     w = SparseDecodeWrapper(8, 2, 64, 16, 1, device=DEVICE, dtype=torch.float32)
     q = torch.zeros((2, 8, 64), device=DEVICE)
     with pytest.raises(ValueError, match="plan"):

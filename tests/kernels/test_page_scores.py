@@ -19,9 +19,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("gqa_reduce", ["sum", "max", "mass"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[7]}-G{c[1] // c[2]}-{str(c[8])[6:]}")
-def test_scores_match_float64_reference(case, backend):
+def test_scores_match_float64_reference(case, backend, gqa_reduce):
     bsz, hq, hkv, d, page, ppb, max_blocks, selector, dtype = case
     gen = torch.Generator().manual_seed(100 + CASES.index(case))
     num_blocks = bsz * max_blocks + 3
@@ -37,11 +38,13 @@ def test_scores_match_float64_reference(case, backend):
     q = torch.randn((bsz, hq, d), generator=gen).to(DEVICE, dtype)
     meta = make_meta(num_blocks * hkv * ppb, d, selector, dtype, gen)
     out = torch.full((bsz, hkv, n_pages), float("nan"), device=DEVICE)
+    scale = d ** -0.5 if gqa_reduce == "mass" else None
+    head_scores = torch.full((bsz + 1, hq, n_pages + 2), float("nan"), device=DEVICE) if gqa_reduce == "mass" else None
 
     score_pages(q, meta, bt, num_full, selector=selector, page_size=page, ppb=ppb, num_kv_heads=hkv, out=out,
-                backend=backend)
+                gqa_reduce=gqa_reduce, scale=scale, head_scores=head_scores, backend=backend)
 
-    ref = ref_scores(q, meta, bt, num_full, selector, ppb, hkv, n_pages)
+    ref = ref_scores(q, meta, bt, num_full, selector, ppb, hkv, n_pages, gqa_reduce, scale)
     got = out.double().cpu()
     assert not torch.isnan(got).any()
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
@@ -49,8 +52,9 @@ def test_scores_match_float64_reference(case, backend):
     torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("gqa_reduce", ["sum", "max", "mass"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fewer_columns_than_table_and_strided_q(backend):
+def test_fewer_columns_than_table_and_strided_q(backend, gqa_reduce):
     gen = torch.Generator().manual_seed(7)
     bsz, hq, hkv, d, page, ppb, max_blocks = 2, 8, 2, 64, 16, 2, 6
     num_blocks = bsz * max_blocks
@@ -61,9 +65,10 @@ def test_fewer_columns_than_table_and_strided_q(backend):
     q = q_big[:, 2:2 + hq]                                    # non-contiguous head stride
     meta = make_meta(num_blocks * hkv * ppb, d, "cuboid_mean", torch.float32, gen)
     out = torch.full((bsz, hkv, n_pages), float("nan"), device=DEVICE)
+    scale = 0.3 if gqa_reduce == "mass" else None
     score_pages(q, meta, bt, num_full, selector="cuboid_mean", page_size=page, ppb=ppb, num_kv_heads=hkv, out=out,
-                backend=backend)
-    ref = ref_scores(q, meta, bt, num_full, "cuboid_mean", ppb, hkv, n_pages)
+                gqa_reduce=gqa_reduce, scale=scale, backend=backend)
+    ref = ref_scores(q, meta, bt, num_full, "cuboid_mean", ppb, hkv, n_pages, gqa_reduce, scale)
     torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-4)
 
 
@@ -79,6 +84,12 @@ def test_default_out_shape_and_bad_arguments():
         score_pages(q, meta, bt, nf, selector="topk", page_size=16, ppb=2, num_kv_heads=2)
     with pytest.raises(ValueError, match="meta"):
         score_pages(q, meta[:, :1], bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2)
+    with pytest.raises(ValueError, match="gqa_reduce must be one of sum, max, mass"):
+        score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, gqa_reduce="mean")
+    with pytest.raises(ValueError, match="mass.* needs the attention's softmax scale"):
+        score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, gqa_reduce="mass")
+    with pytest.raises(ValueError, match="scale is used by gqa_reduce='mass' only"):
+        score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, scale=0.1)
     with pytest.raises(ValueError, match="num_kv_heads"):
         score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=3)
     with pytest.raises(ValueError, match="out"):
