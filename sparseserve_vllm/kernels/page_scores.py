@@ -14,7 +14,7 @@ Inputs
   * ``gqa_reduce``: ``"sum"``, ``"max"`` or ``"mass"``, how the G query heads of a KV head combine their page scores.
   * ``scale``: the attention's softmax scale, required by ``"mass"`` and refused by the others.
   * ``head_scores``: ``"mass"`` only, optional float32 workspace ``[>= B, Hq, P]`` with a contiguous last dim (the
-    per-head scores; allocated when not given).
+    Triton path's per-head scores; allocated when not given).
   * ``out``: optional ``[B, Hkv, P]`` float32 with ``P <= max_blocks * ppb`` (default ``P = max_blocks * ppb``).
 
 With ``s_g(p)`` the page score of page ``p`` (slot ``(block_table[b, p//ppb]*Hkv + h)*ppb + p%ppb``) for query head
@@ -55,14 +55,15 @@ SCORE_LAUNCH = {"tile_elems": 16384, "num_warps": 8}
 
 
 def _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out, gqa_reduce="sum",
-              scale=None):
+              scale=None, head_scores=None):
     m = num_meta_vectors(selector)
     if gqa_reduce not in GQA_REDUCES:
         raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCES)}, got {gqa_reduce!r}")
     if gqa_reduce == "mass" and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"gqa_reduce='mass' needs the attention's softmax scale (a number > 0), got scale={scale!r}")
-    if gqa_reduce != "mass" and scale is not None:
-        raise ValueError(f"scale is used by gqa_reduce='mass' only, got scale={scale!r} with gqa_reduce={gqa_reduce!r}")
+    if gqa_reduce != "mass" and (scale is not None or head_scores is not None):
+        raise ValueError(f"scale and head_scores are used by gqa_reduce='mass' only, got scale={scale!r} and "
+                         f"head_scores={'a tensor' if head_scores is not None else None} with gqa_reduce={gqa_reduce!r}")
     for name, v in (("page_size", page_size), ("ppb", ppb), ("num_kv_heads", num_kv_heads)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -92,6 +93,12 @@ def _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, nu
           or out.dtype != torch.float32 or out.stride(-1) != 1):
         raise ValueError(f"out must be float32 [B={bsz}, Hkv={num_kv_heads}, P <= {max_pages}] with a contiguous "
                          f"last dim, got {out.dtype} {tuple(out.shape)}")
+    if head_scores is not None and (
+            head_scores.dim() != 3 or head_scores.shape[0] < bsz or head_scores.shape[1] != hq
+            or head_scores.shape[2] < out.shape[2] or head_scores.dtype != torch.float32
+            or head_scores.stride(-1) != 1):
+        raise ValueError(f"head_scores must be float32 [>= B={bsz}, Hq={hq}, >= P={out.shape[2]}] with a contiguous "
+                         f"last dim, got {head_scores.dtype} {tuple(head_scores.shape)}")
     return out
 
 
@@ -127,7 +134,7 @@ def score_pages_torch(q, meta, block_table, num_full_pages, *, selector, page_si
                       gqa_reduce="sum", scale=None, head_scores=None, out=None):
     """Pure-torch page scores (CPU path and reference semantics); see module docstring."""
     out = _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out, gqa_reduce,
-                    scale)
+                    scale, head_scores)
     bsz, hq, d = q.shape
     hkv = num_kv_heads
     pm, valid = gather_page_metadata(meta, block_table, num_full_pages, batch=bsz, num_kv_heads=hkv, ppb=ppb,
@@ -219,7 +226,7 @@ def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, pp
                                  ppb=ppb, num_kv_heads=num_kv_heads, gqa_reduce=gqa_reduce, scale=scale,
                                  head_scores=head_scores, out=out)
     out = _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out, gqa_reduce,
-                    scale)
+                    scale, head_scores)
     bsz, hq, d = q.shape
     n_pages = out.shape[2]
     if bsz == 0 or n_pages == 0:
@@ -227,10 +234,6 @@ def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, pp
     if gqa_reduce == "mass":
         if head_scores is None:
             head_scores = torch.empty((bsz, hq, n_pages), dtype=torch.float32, device=q.device)
-        elif (head_scores.dim() != 3 or head_scores.shape[0] < bsz or head_scores.shape[1] != hq
-              or head_scores.shape[2] < n_pages or head_scores.dtype != torch.float32 or head_scores.stride(-1) != 1):
-            raise ValueError(f"head_scores must be float32 [>= B={bsz}, Hq={hq}, >= P={n_pages}] with a contiguous "
-                             f"last dim, got {head_scores.dtype} {tuple(head_scores.shape)}")
         head_scores = head_scores[:bsz, :, :n_pages]
     g = hq // num_kv_heads
     block_h = triton.next_power_of_2(num_kv_heads)

@@ -88,8 +88,14 @@ def test_default_out_shape_and_bad_arguments():
         score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, gqa_reduce="mean")
     with pytest.raises(ValueError, match="mass.* needs the attention's softmax scale"):
         score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, gqa_reduce="mass")
-    with pytest.raises(ValueError, match="scale is used by gqa_reduce='mass' only"):
+    with pytest.raises(ValueError, match="scale and head_scores are used by gqa_reduce='mass' only"):
         score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, scale=0.1)
+    with pytest.raises(ValueError, match="scale and head_scores are used by gqa_reduce='mass' only"):
+        score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2,
+                    head_scores=torch.empty((1, 4, 6), device=DEVICE))
+    with pytest.raises(ValueError, match="head_scores must be float32"):
+        score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, gqa_reduce="mass",
+                    scale=0.1, head_scores=torch.empty((1, 4, 5), device=DEVICE))
     with pytest.raises(ValueError, match="num_kv_heads"):
         score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=3)
     with pytest.raises(ValueError, match="out"):
