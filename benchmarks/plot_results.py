@@ -12,6 +12,7 @@ benchmarks/results/README.md) and writes, for the given date:
   page-cache-h200-<date>.png            PageCache.resolve throughput vs an OrderedDict LRU
   offload-h200-<date>.png               offload decode step and batch control on/off
   segmented-prefill-h200-<date>.png     layer-segmented prefill: prompt alone (128K, 32K) and TTFT under load
+  accuracy-smollm2-cpu.png              pass-key hits and attention-output error per selector, budget, gqa_reduce
 A plot whose input file is missing is skipped with a message. Only matplotlib and the standard library are used.
 """
 
@@ -556,6 +557,55 @@ def plot_set9(results: Path, tag: str, title_suffix: str) -> None:
     fig.suptitle(f"Fifth set, Llama-3.1-8B shape: {title_suffix}", fontsize=10)
     save(fig, results / f"set9-{tag}.png")
 
+PASSKEY_FILES = ("passkey-smollm2-cpu.json", "passkey-smollm2-cpu-gqa-max.json", "passkey-smollm2-cpu-gqa-mean-max.json",
+                 "passkey-smollm2-cpu-mean-mass.json", "passkey-smollm2-cpu-gqa-mass.json")
+REDUCES = (("sum", "tab:blue"), ("max", "tab:orange"), ("mass", "tab:green"))
+
+
+def plot_accuracy(results: Path) -> None:
+    """CPU accuracy (SmolLM2, page 32): pass-key hits and attention-output error per selector x budget x gqa_reduce."""
+    err = load(results, "attention-error-smollm2-cpu.json")
+    runs = [r for r in (load(results, n) for n in PASSKEY_FILES) if r is not None]
+    if err is None or not runs:
+        return
+    hits, dense = {}, set()
+    for r in runs:  # files before `gqa_reduce` existed summed; its field is one value or one per selector
+        for name, acc in r["accuracy"].items():
+            if name == "dense":
+                dense.add(round(acc * r["placements"]))
+                continue
+            sel, budget = name.split("@")
+            red = r.get("gqa_reduce", "sum")
+            hits[sel, int(budget), red if isinstance(red, str) else red[sel]] = round(acc * r["placements"])
+    groups = [(sel, b) for sel in ("cuboid_mean", "quest", "mean") for b in (1024, 2048)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5))
+    width = 0.26
+    for i, (red, color) in enumerate(REDUCES):
+        xs = [x + (i - 1) * width for x in range(len(groups))]
+        vals = [hits.get((sel, b, red)) for sel, b in groups]
+        bars = ax1.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], width,
+                       color=color, label=red)
+        label_bars(ax1, bars, "{:.0f}", 8)
+        e = err["relative_l2_error"]
+        bars = ax2.bar(xs, [e[f"{sel}@{b}/{red}"]["mean"] for sel, b in groups], width, color=color, label=red)
+        label_bars(ax2, bars, "{:.3f}", 7)
+    for d in sorted(dense):
+        ax1.axhline(d, color="k", lw=0.8, ls="--", label=f"dense ({d})")
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{sel}\nbudget {b}" for sel, b in groups], fontsize=8)
+        ax.legend(fontsize=8, title="gqa_reduce", title_fontsize=8, ncol=4, loc="upper center")
+    ax1.set_ylim(0, 23)
+    ax1.set_ylabel(f"pass key found (of {runs[0]['placements']} placements)")
+    ax1.set_title(f"Pass-key retrieval, {runs[0]['prompt_tokens']['max']:,}-token prompts (no bar: not run)", fontsize=9)
+    ax2.set_ylim(0, 0.125)
+    ax2.set_ylabel("attention-output relative L2 error (mean)")
+    ax2.set_title("Sparse vs dense decode attention, last query of each layer", fontsize=9)
+    fig.suptitle("SmolLM2-135M-Instruct on a CPU (page 32, sink 2 + recent 2 pages): defaults sum for cuboid_mean "
+                 "and quest, mass for mean", fontsize=10)
+    save(fig, results / "accuracy-smollm2-cpu.png")
+
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -576,6 +626,7 @@ def main() -> None:
     plot_segmented(results, f"segmented-prefill-{tag}-ring2.json", f"segmented-load-{tag}-decode-out-256.json",
                    f"segmented-prefill-{tag}-set8.png", f"{a.machine} (GPU 0 of an x2 machine), {a.date}")
     plot_set9(results, tag, suffix)
+    plot_accuracy(results)
 
 
 if __name__ == "__main__":
