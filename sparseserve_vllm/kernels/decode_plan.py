@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .page_scores import GQA_REDUCES, score_pages
+from .page_scores import check_gqa_reduce, score_pages
 from .page_topk import select_pages
 from .pages import num_meta_vectors, resolve_backend
 from .sparse_decode import alloc_split_workspace, choose_num_splits, sparse_decode_attention
@@ -59,8 +59,7 @@ class SparseDecodeWrapper:
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_qo_heads={num_qo_heads}")
         num_meta_vectors(selector)
-        if gqa_reduce not in GQA_REDUCES:
-            raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCES)}, got {gqa_reduce!r}")
+        check_gqa_reduce(gqa_reduce)
         if token_budget < page_size:
             raise ValueError(f"token_budget must be >= page_size={page_size}, got {token_budget}")
         self.num_select = token_budget // page_size

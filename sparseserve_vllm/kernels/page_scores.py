@@ -44,21 +44,26 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import GQA_REDUCES
 from .pages import num_meta_vectors, resolve_backend
 
 SELECTOR_CODES = {"quest": 0, "cuboid_mean": 1, "mean": 2}
-GQA_REDUCES = ("sum", "max", "mass")
 REDUCE_CODES = {"sum": 0, "max": 1, "mass": 2}
 # Launch configuration (tuned on H200 by benchmarks/bench_sparse_decode.py --tune).
 # tile_elems bounds BLOCK_P * Hkv * M * D (rounded to powers of two): the [pages, heads, M*D] tile per program.
 SCORE_LAUNCH = {"tile_elems": 16384, "num_warps": 8}
 
 
+def check_gqa_reduce(gqa_reduce) -> None:
+    """ValueError naming the allowed values unless ``gqa_reduce`` is one of them."""
+    if gqa_reduce not in GQA_REDUCES:
+        raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCES)}, got {gqa_reduce!r}")
+
+
 def _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out, gqa_reduce="sum",
               scale=None, head_scores=None):
     m = num_meta_vectors(selector)
-    if gqa_reduce not in GQA_REDUCES:
-        raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCES)}, got {gqa_reduce!r}")
+    check_gqa_reduce(gqa_reduce)
     if gqa_reduce == "mass" and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"gqa_reduce='mass' needs the attention's softmax scale (a number > 0), got scale={scale!r}")
     if gqa_reduce != "mass" and (scale is not None or head_scores is not None):
