@@ -29,13 +29,14 @@ read. All three scores are linear in per-head query vectors once the sign of ``q
 G heads are folded into two D-vectors before touching metadata (quest uses ``max(q*max, q*min) = max(q,0)*max +
 min(q,0)*min``, exact whenever ``min <= max``, which ``build_page_metadata`` guarantees); with ``"max"`` and
 ``"mass"`` each head is scored against the same metadata tile (G times the multiply-adds, the same bytes read);
-``"mass"`` writes the scaled per-head scores to ``head_scores`` and combines them with two torch ``logsumexp``
-reductions (graph-capturable; they take temporaries from torch's caching allocator).
+``"mass"`` writes the scaled per-head scores to ``head_scores``; a second kernel (one program per request and KV
+head, two passes over the pages: each head's log-sum-exp online, then the log of the summed probabilities) writes
+``out``. The torch path does the same with two ``logsumexp`` reductions.
 
 The Triton kernel runs one program per (request, block of ``BLOCK_P`` logical pages) covering ALL KV heads, so
 with the shared layout it reads each vLLM block's metadata (``Hkv * ppb`` consecutive slots) as one contiguous
 chunk, and every metadata row exactly once. It never synchronises with the host and allocates nothing when
-``out`` is given (``"mass"``: see above).
+``out`` (and, for ``"mass"``, ``head_scores``) is given.
 """
 
 from __future__ import annotations
@@ -223,6 +224,36 @@ def _score_pages_kernel(
                  mask=(p < n_pages)[:, None] & hmask[None, :])
 
 
+@triton.jit
+def _combine_mass_kernel(head_ptr, out_ptr, stride_hb, stride_hh, stride_ob, stride_oh, n_pages,
+                         G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr):
+    """out[b, h, p] = log sum_g softmax_p(head[b, h*G + g, :])(p), in the log domain (see `_combine_mass`)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    rows = head_ptr + b * stride_hb + (h * G + g)[:, None] * stride_hh
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    for start in range(0, n_pages, BLOCK_P):  # each head's running max and sum of exp over the pages
+        p = start + tl.arange(0, BLOCK_P)
+        z = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :], other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+        m = m_new
+    lse = tl.where(m == float("-inf"), 0.0, m + tl.log(l))  # a head without full pages: every z is -inf
+    for start in range(0, n_pages, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        a = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :],
+                    other=float("-inf")) - lse[:, None]                             # log-probabilities [G, P]
+        top = tl.max(a, axis=0)
+        top_ref = tl.where(top == float("-inf"), 0.0, top)
+        res = top_ref + tl.log(tl.sum(tl.exp(a - top_ref[None, :]), axis=0))
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + p, tl.where(top == float("-inf"), top, res),
+                 mask=p < n_pages)
+
+
 def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, gqa_reduce="sum",
                 scale=None, head_scores=None, out=None, backend="auto"):
     """Page scores ``[B, Hkv, P]`` float32 (see module docstring); Triton on CUDA, torch on CPU by default."""
@@ -256,5 +287,9 @@ def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, pp
         num_warps=SCORE_LAUNCH["num_warps"],
     )
     if gqa_reduce == "mass":
-        _combine_mass(head_scores, num_kv_heads, out)
+        _combine_mass_kernel[(bsz, num_kv_heads)](
+            head_scores, out, head_scores.stride(0), head_scores.stride(1), out.stride(0), out.stride(1), n_pages,
+            G=g, BLOCK_G=triton.next_power_of_2(g), BLOCK_P=max(16, min(1024, 4096 // triton.next_power_of_2(g))),
+            num_warps=4,
+        )
     return out

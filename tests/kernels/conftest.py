@@ -83,6 +83,11 @@ def ref_scores(q, meta, block_table, num_full, selector, ppb, hkv, n_pages, gqa_
                         per_head[p, j] = (qq @ m[0] + qq.abs() @ m[1]).item()
                     else:
                         per_head[p, j] = (qq @ m[0]).item()
+            lse = {}  # log of each query head's softmax denominator over the full pages (mass)
+            for j in range(g):
+                if gqa_reduce == "mass" and pages:
+                    top = max(scale * per_head[o, j] for o in pages)
+                    lse[j] = top + math.log(sum(math.exp(scale * per_head[o, j] - top) for o in pages))
             for p in pages:
                 heads = [per_head[p, j] for j in range(g)]
                 if gqa_reduce == "sum":
@@ -90,11 +95,7 @@ def ref_scores(q, meta, block_table, num_full, selector, ppb, hkv, n_pages, gqa_
                 elif gqa_reduce == "max":
                     out[b, h, p] = max(heads)
                 else:
-                    mass = 0.0
-                    for j in range(g):
-                        norm = sum(math.exp(scale * (per_head[o, j] - per_head[p, j])) for o in pages)
-                        mass += 1.0 / norm
-                    out[b, h, p] = math.log(mass)
+                    out[b, h, p] = math.log(sum(math.exp(scale * per_head[p, j] - lse[j]) for j in range(g)))
     return out
 
 

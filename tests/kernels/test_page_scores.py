@@ -16,6 +16,7 @@ CASES = [
     (2, 16, 8, 128, 32, 2, 4, "quest", torch.bfloat16),
     (1, 4, 2, 64, 64, 1, 80, "cuboid_mean", torch.float32),   # > 64 pages: several page blocks
     (2, 6, 3, 96, 16, 2, 7, "quest", torch.float32),          # Hkv and D not powers of two
+    (1, 16, 2, 64, 16, 1, 1100, "mean", torch.float32),       # G 8: mass combines 1100 pages in 3 chunks of 512
 ]
 
 
