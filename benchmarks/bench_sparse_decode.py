@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 
+from sparseserve_vllm.config import DEFAULT_GQA_REDUCE, GQA_REDUCES  # noqa: E402
 from sparseserve_vllm.kernels import (SparseDecodeWrapper, alloc_split_workspace, build_page_metadata,  # noqa: E402
                                       choose_num_splits, flat_page_view, num_meta_vectors, pages_to_slots,
                                       score_pages, score_pages_torch, select_pages, select_pages_torch,
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--budget", type=int, default=2048, help="token budget (num_select = budget // page_size)")
     p.add_argument("--selector", default="cuboid_mean", choices=["cuboid_mean", "quest", "mean"])
-    p.add_argument("--gqa-reduce", default=None, choices=["sum", "max", "mass"],
+    p.add_argument("--gqa-reduce", default=None, choices=GQA_REDUCES,
                    help="how a KV head's query heads combine page scores (default: the selector's default)")
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--block-size", type=int, default=32, help="vLLM block size (a multiple of --page-size)")
@@ -71,8 +72,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON result to this path")
     a = p.parse_args(argv)
-    from sparseserve_vllm.config import DEFAULT_GQA_REDUCE
-
     a.gqa_reduce = a.gqa_reduce or DEFAULT_GQA_REDUCE[a.selector]
     if a.iters < 50:
         p.error("--iters must be >= 50")

@@ -3,7 +3,7 @@
 Runs the built-in SmolLM2-135M-Instruct (transformers, CPU) over pass-key prompts of about `--context` tokens; in
 every layer, the last token's query attends (a) densely to the whole context and (b) through SparseServe's sparse
 decode path (`SparseDecodeWrapper`, torch backend: page metadata, GQA-aware top-k within the budget, attention
-over the chosen pages), for each selector, budget and GQA reduction (`gqa_reduce` sum and max). Reports the
+over the chosen pages), for each selector, budget and GQA reduction (every `gqa_reduce`). Reports the
 relative L2 error ||o_sparse - o_dense|| / ||o_dense|| (mean and max over layers and prompts) as JSON.
 
     python benchmarks/eval_attention_error.py --out benchmarks/results/attention-error-smollm2.json

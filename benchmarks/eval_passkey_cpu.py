@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval_attention_error import SELECTORS, paged, sparse_attention  # noqa: E402
 
-from sparseserve_vllm.config import DEFAULT_GQA_REDUCE  # noqa: E402
+from sparseserve_vllm.config import DEFAULT_GQA_REDUCE, GQA_REDUCES  # noqa: E402
 from sparseserve_vllm.models import smollm2_dir  # noqa: E402
 from sparseserve_vllm.prompts import passkey_prompt  # noqa: E402
 
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--sink-pages", type=int, default=2)
     ap.add_argument("--recent-pages", type=int, default=2)
     ap.add_argument("--dense-layers", type=int, default=0, help="the first N layers decode densely (`dense_layers`)")
-    ap.add_argument("--gqa-reduce", choices=("sum", "max", "mass"), default=None,
+    ap.add_argument("--gqa-reduce", choices=GQA_REDUCES, default=None,
                     help="how a KV head's query heads combine their page scores (`gqa_reduce`; default: the "
                          "selector's default, as in SparseServeConfig)")
     args = ap.parse_args()

@@ -117,7 +117,7 @@ def _query_vectors(qg: torch.Tensor, selector: str) -> tuple[torch.Tensor, torch
     return qg, None
 
 
-def gather_page_metadata(meta, block_table, num_full_pages, *, batch, num_kv_heads, ppb, num_pages):
+def _gather_page_metadata(meta, block_table, num_full_pages, *, batch, num_kv_heads, ppb, num_pages):
     """Torch: the metadata rows of every (request, KV head, logical page) `[B, Hkv, P, M, D]` (fp32; pages at or past
     `num_full_pages` read slot 0) and the mask of the full pages `[B, 1, P]`."""
     p = torch.arange(num_pages, device=meta.device)
@@ -143,7 +143,7 @@ def score_pages_torch(q, meta, block_table, num_full_pages, *, selector, page_si
                     scale, head_scores)
     bsz, hq, d = q.shape
     hkv = num_kv_heads
-    pm, valid = gather_page_metadata(meta, block_table, num_full_pages, batch=bsz, num_kv_heads=hkv, ppb=ppb,
+    pm, valid = _gather_page_metadata(meta, block_table, num_full_pages, batch=bsz, num_kv_heads=hkv, ppb=ppb,
                                      num_pages=out.shape[2])
     a, b = _query_vectors(q.float().view(bsz, hkv, hq // hkv, d), selector)   # [B, Hkv, G, D]
     if gqa_reduce == "sum":   # fold the group first: one D-vector per metadata row
