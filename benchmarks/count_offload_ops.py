@@ -1,4 +1,5 @@
-"""Count the torch operations (each one GPU kernel or copy on CUDA) that one offload decode layer issues, per call.
+"""Count the operations (torch ops and Triton launches: each one GPU kernel or copy on CUDA) that one offload decode
+layer issues, per call.
 
 CPU-runnable proxy for the offload decode step's fixed cost: under full CUDA graphs every such op is one graph node
 of a few microseconds, so ops per layer x layers bounds how much of a step is small-kernel overhead. Replays, for
@@ -8,9 +9,10 @@ through, their pages made resident), `resolve` (the selected pages; FlashH2D of 
 `record` and `save_inline`; `cache.resolve` is the page cache's part of `resolve` alone. Counted with torch.profiler:
 leaf `aten::` ops minus those that launch nothing (views, empty, dtype no-ops, CPU scalars); a composite op counts
 its leaf children (a CPU sort or index_put_ as its copies), so this is a proxy for the CUDA kernel count, not that
-count itself. The count does not depend on the batch size (every op is batched). On the CPU the host ->
-cache loads run the torch path (several copies) where CUDA runs one FlashH2D kernel, so `resolve` and `write_new`
-count a few more here than on a GPU; `cache.resolve` is the same op list on both.
+count itself. The count does not depend on the batch size (every op is batched). The script sets
+`TRITON_INTERPRET=1`, so the tier runs the Triton kernels it runs on CUDA (the page cache's resolve, FlashH2D, the
+FlashD2H scatter): each launch counts as one op (`triton:<kernel>`), and the torch ops the interpreter runs inside a
+launch are not counted.
 
     python benchmarks/count_offload_ops.py [--batch 1] [--context 4096] [--out benchmarks/results/offload-ops-cpu.json]
 """
@@ -19,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the tier takes its GPU (Triton) paths
+
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
+from triton.runtime import interpreter
 
 NO_KERNEL = {"aten::empty", "aten::view", "aten::slice", "aten::select", "aten::as_strided", "aten::as_strided_",
              "aten::reshape", "aten::_reshape_alias", "aten::unsqueeze", "aten::squeeze", "aten::expand", "aten::t",
@@ -33,14 +39,34 @@ NO_KERNEL = {"aten::empty", "aten::view", "aten::slice", "aten::select", "aten::
              "aten::flatten", "aten::to", "aten::scalar_tensor"}
 
 
+_launch = interpreter.GridExecutor.__call__
+
+
+def _named_launch(executor, *args, **kwargs):
+    with record_function(f"triton:{executor.fn.__name__}"):
+        return _launch(executor, *args, **kwargs)
+
+
+interpreter.GridExecutor.__call__ = _named_launch
+
+
+def _in_triton(e) -> bool:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith("triton:"):
+            return True
+        p = p.cpu_parent
+    return False
+
+
 def kernel_ops(fn) -> Counter:
-    """Leaf aten ops of one call of `fn` that launch work on a device."""
+    """Triton launches and leaf aten ops (outside launches) of one call of `fn` that launch work on a device."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     ops = Counter()
     for e in prof.events():
-        if e.name.startswith("aten::") and e.name not in NO_KERNEL and not any(
-                c.name.startswith("aten::") for c in e.cpu_children):
+        if e.name.startswith("triton:") or (e.name.startswith("aten::") and e.name not in NO_KERNEL and not any(
+                c.name.startswith("aten::") for c in e.cpu_children) and not _in_triton(e)):
             ops[e.name] += 1
     return ops
 

@@ -88,8 +88,10 @@ class OffloadTier:
         self.device = cache_pages.device
         self.pages_per_layer = host.num_logical_blocks * host.num_kv_heads * self.ppb
         self.trash_slot = cache_pages.shape[0] - 1
+        # The page cache resolves with its Triton kernels where FlashH2D's kernel runs too (CUDA, or the CPU under
+        # TRITON_INTERPRET=1), with its torch path elsewhere.
         self.cache = PageCache(host.num_layers, self.pages_per_layer, self.trash_slot, device=self.device,
-                               window=eviction_window)
+                               window=eviction_window, backend=self._kernel_backend())
         self.saver = FlashD2HSaver(host, max_tokens=max_tokens, num_threads=d2h_threads, device=self.device,
                                    staging_tokens=staging_tokens)
         self.h2d_sms = h2d_sms
@@ -106,6 +108,9 @@ class OffloadTier:
             ("hbm_hits", "hbm_misses", "hbm_evictions", "hbm_pages_in_use", "bytes_h2d", "bytes_d2h"), 0)
         self._stats_snapshot = LaggedRead(self.device, 6)  # begin_step's, tagged with `_sync_reads` at the time
         self._sync_reads = 0  # refresh_stats calls: a snapshot tagged with an older count is older than last_stats
+
+    def _kernel_backend(self) -> str:
+        return "triton" if self.device.type == "cuda" or flash_h2d_module._INTERPRET else "torch"
 
     # ---- per step and layer ----
     def begin_step(self) -> None:
@@ -157,11 +162,10 @@ class OffloadTier:
         real = (sm >= 0)[:, None]
         pages = torch.where(real, self.token_pages(sm), -1)  # [T, Hkv]
         off = sm % self.page_size  # any offset for padding: it lands in the trash page
-        cache_slots, miss_pages, miss_slots = self.cache.resolve(layer, pages.reshape(-1))
-        # A missing page whose offset-0 token is in this write has no older tokens: its load is skipped (-1).
-        fresh = torch.sort(torch.where(real & (off == 0)[:, None], pages, -1).reshape(-1)).values
-        at = torch.searchsorted(fresh, miss_pages).clamp_max_(fresh.numel() - 1)
-        self._load(layer, torch.where(fresh[at] == miss_pages, -1, miss_pages), miss_slots)
+        # A missing page whose offset-0 token is in this write has no older tokens: the cache loads nothing for it.
+        fresh = (real & (off == 0)[:, None]).expand(t, self.num_kv_heads).reshape(-1)
+        cache_slots, miss_pages, miss_slots = self.cache.resolve(layer, pages.reshape(-1), fresh)
+        self._load(layer, miss_pages, miss_slots)
         dst = cache_slots.view(t, self.num_kv_heads).to(torch.int64)  # -1 (padding, no slot) wraps to the trash page
         kv = torch.cat((key[:t], value[:t]), dim=-1).to(self.cache_pages.dtype)
         self.cache_pages.index_put_((dst, off[:, None]), kv)
@@ -179,7 +183,7 @@ class OffloadTier:
         Triton interpreter uses the torch path (which synchronizes; there is no device to wait for)."""
         if pages.numel() == 0:
             return
-        if self.device.type == "cpu" and not flash_h2d_module._INTERPRET:
+        if self._kernel_backend() == "torch":
             self.flush()
             flash_h2d_torch(self.host.pages(layer, self.page_size), self.cache_pages, pages, slots)
             self._pages_h2d += (pages >= 0).sum()

@@ -21,28 +21,35 @@ Contract:
     `begin_layer()` a new scope inside the step (the tier calls it for every layer): stamp += 1 on the device, the
                     ring and its cursor are kept. No host sync and no Python state: CUDA-graph capturable.
   `invalidate` and `reset` recompute the ring too (cursor 0), so freed slots come first.
-- `resolve(layer, pages)`: `pages` is a 1-D integer tensor of length N; `-1` entries are padding and duplicates are
-  allowed (every copy gets the same slot; a key is counted once). Exact semantics, also implemented by the
-  reference model in the tests:
+- `resolve(layer, pages, fresh=None)`: `pages` is a 1-D integer tensor of length N; `-1` entries are padding and
+  duplicates are allowed (every copy gets the same slot; a key is counted once). `fresh` (None or a bool tensor of N)
+  marks entries whose page, if missing, needs no load (its older tokens do not exist: the caller writes all of it).
+  Exact semantics, also implemented by the reference model in the tests:
     0. ids outside `[-1, num_logical_pages)` are counted as *bad* and treated as padding;
     1. cached keys (hits) get their slot and their `last_use` becomes the stamp;
     2. the *window* is the `W = min(window, num_slots)` ring positions `cursor, cursor + 1, ..` (modulo
        num_slots); its *takeable* slots are those with `last_use < stamp` after step 1, in window order;
-    3. the distinct missing pages in ascending page order take the takeable slots in window order, one each; the
-       k-th missing page gets the k-th takeable slot. An occupied slot that is taken is evicted (its key's
-       `resident` entry becomes -1); a taken slot gets the key and `last_use = stamp`;
+    3. each distinct missing page has a *representative* entry: its first `fresh` entry if it has one, else its
+       first entry; the missing pages, in the order of their representatives' positions in `pages`, take the
+       takeable slots in window order, one each: the k-th missing page gets the k-th takeable slot. An occupied
+       slot that is taken is evicted (its key's `resident` entry becomes -1); a taken slot gets the key and
+       `last_use = stamp`;
     4. if there are more missing pages than takeable slots, the pages beyond them get NO slot (slot -1, not
        cached) and are counted as *unplaced*; nothing raises here;
     5. the cursor moves to the position just after the last slot taken (it stays when none is taken).
   Counters: hits += distinct cached pages, misses += distinct missing pages (placed or not), evictions += taken
   slots that held a key. It returns three tensors of length N on `device`:
     `slots`       int32: the slot of every entry of `pages` after the call (-1 for padding, bad and unplaced ids);
-    `miss_pages`  int64: the missing pages that got a slot, ascending, then -1;
+    `miss_pages`  int64: for the k-th missing page that got a slot, at position k - 1: the page, or -1 when its
+                  representative is fresh (nothing to load); then -1;
     `miss_slots`  int32: the slots they got, aligned with `miss_pages`, then -1.
   The caller copies `miss_pages` from host DRAM into `miss_slots` (FlashH2D skips the -1 pairs). `resolve`
-  performs no host synchronization, no boolean-mask indexing and no `unique`/`nonzero`: it sorts N ids and scans
-  a W-slot window (W defaults to num_slots: then step 4 happens only when the cache truly cannot hold the misses
-  without evicting a protected slot; a smaller `window` is cheaper but can leave pages unplaced earlier).
+  performs no host synchronization, no boolean-mask indexing and no `unique`/`nonzero`. Two implementations with
+  one behaviour, chosen by `backend`: `"triton"` (five kernel launches, `kernels/page_cache_resolve.py`; the
+  default on CUDA, and on the CPU under `TRITON_INTERPRET=1` when asked for) and `"torch"` (about forty tensor
+  operations: a sort of the N ids, then a scan of the window; the default elsewhere). It scans a W-slot window
+  (W defaults to num_slots: then step 4 happens only when the cache truly cannot hold the misses without
+  evicting a protected slot; a smaller `window` is cheaper but can leave pages unplaced earlier).
   The scan itself stops early without changing any result: a scope protects at most as many slots as the ids its
   resolves were given (each distinct id touches or takes one slot), so the first `min(W, ids of the scope so far
   including this call)` window positions always hold a takeable slot for every miss of this call, and the misses
@@ -76,6 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseserve_vllm.core.lagged_read import LaggedRead
+from sparseserve_vllm.kernels.pages import resolve_backend
 
 __all__ = ["CacheCapacityError", "PageCache"]
 
@@ -86,7 +94,7 @@ class CacheCapacityError(RuntimeError):
 
 class PageCache:
     def __init__(self, num_layers: int, num_logical_pages: int, num_slots: int, device: torch.device | str = "cpu",
-                 window: int | None = None):
+                 window: int | None = None, backend: str = "auto"):
         for name, value in (("num_layers", num_layers), ("num_logical_pages", num_logical_pages), ("num_slots", num_slots)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -116,6 +124,14 @@ class PageCache:
         self._errors = LaggedRead(self.device, 2)  # unplaced, bad: `begin_step`'s snapshot, raised by the next one
         self._stamp = torch.zeros((), dtype=torch.int64, device=self.device)
         self._scope_ids = 0  # ids passed to `resolve` in the current scope: bounds the slots it protects
+        self.backend = resolve_backend(backend, self._owner)
+        self._triton = None
+        if self.backend == "triton":
+            from sparseserve_vllm.kernels.page_cache_resolve import FIRST_HIT_CLEAR, ResolveState
+
+            first_hit = torch.full((num_slots + 1,), FIRST_HIT_CLEAR, dtype=torch.int32, device=self.device)
+            self._triton = ResolveState(self._resident, self._owner, self._last_use, self._ring, self._cursor,
+                                        self._stamp, self._counts, first_hit, num_logical_pages, num_slots)
         self._sort_ring()
 
     # ----------------------------------------------------------------------------------------------------- state
@@ -244,32 +260,59 @@ class PageCache:
         self._resident[keys] = -1
         self._sort_ring()
 
-    def resolve(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def resolve(self, layer: int, pages: torch.Tensor, fresh: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Map `pages` of `layer` to cache slots, assigning slots to the misses (see the module docstring)."""
         self._check_layer(layer)
         pages = self._check_pages(pages)
         n = pages.numel()
+        if fresh is not None and (not isinstance(fresh, torch.Tensor) or fresh.dtype != torch.bool
+                                  or fresh.shape != pages.shape or fresh.device != self.device):
+            raise ValueError(f"fresh must be None or a bool tensor shaped like pages {tuple(pages.shape)} on "
+                             f"{self.device}, got {fresh!r:.80}")
         if n == 0:
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             return empty.to(torch.int32), empty, empty.to(torch.int32)
         base = layer * self._p1 + 1  # _resident index of (layer, page 0)
+        # Window of the eviction ring from the cursor, scanned as far as this scope's ids can protect slots (see the
+        # module docstring).
+        self._scope_ids += n
+        w = min(self.window, self._scope_ids)
+        if self._triton is not None:
+            from sparseserve_vllm.kernels.page_cache_resolve import resolve_triton
+
+            return resolve_triton(self._triton, base, pages.contiguous(), fresh, w)
+        return self._resolve_torch(base, pages, fresh, w)
+
+    def _resolve_torch(self, base: int, pages: torch.Tensor, fresh: torch.Tensor | None, w: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = pages.numel()
         ok = (pages >= -1) & (pages < self.num_logical_pages)
         pages = torch.where(ok, pages, -1)
-        srt = torch.sort(pages).values  # padding first, then the distinct pages ascending (with their copies)
-        first = srt != F.pad(srt[:-1], (1, 0), value=-1)  # first copy of each distinct page (never padding)
+        # Priority of an entry within its page: its position, less n when fresh (the representative has the lowest).
+        prio = torch.arange(n, device=self.device)
+        if fresh is not None:
+            prio = prio - n * fresh
+        span = 2 * n
+        srt_key = torch.sort(pages * span + prio + n).values  # padding first, then by page, then by priority
+        srt = torch.div(srt_key, span, rounding_mode="floor")
+        srt_prio = srt_key - srt * span - n
+        rep_pos = srt_prio + n * (srt_prio < 0)  # the entry's position in `pages`
+        first = srt != F.pad(srt[:-1], (1, 0), value=-1)  # the representative of each distinct page (never padding)
         keys = srt + base
         cached = self._resident[keys]
         # index_put_, not index_fill_: index_fill_ reads a tensor fill value on the host (a sync).
         self._last_use.index_put_((cached.to(torch.int64) + 1,), self._stamp)  # hits touched; others -> trash
         miss = first & (cached < 0)
-        miss_rank = torch.cumsum(miss, 0)  # k-th missing page (1-based) at its first copy
-        # Window of the eviction ring from the cursor, scanned as far as this scope's ids can protect slots (see the
-        # module docstring); its takeable slots ranked in window order.
-        self._scope_ids += n
-        w = min(self.window, self._scope_ids)
+        # k-th missing page (1-based) in the order of its representative's position, at that representative.
+        at_pos = torch.zeros(n + 1, dtype=torch.int64, device=self.device)
+        at_pos.index_put_((torch.where(miss, rep_pos, n),), torch.ones_like(rep_pos))
+        rank_at_pos = torch.cumsum(at_pos[:n], 0)
+        miss_rank = torch.where(miss, rank_at_pos[rep_pos.clamp_max(n - 1)], 0)
+        num_miss = rank_at_pos[-1:]
         cand = self._ring[self._cursor + self._window_pos[:w]]  # slot + 1
-        take_rank = torch.cumsum(self._last_use[cand] < self._stamp, 0)
-        num_miss, num_takeable = miss_rank[-1:], take_rank[-1:]
+        take_rank = torch.cumsum(self._last_use[cand] < self._stamp, 0)  # takeable slots ranked in window order
+        num_takeable = take_rank[-1:]
         pos = torch.searchsorted(take_rank, miss_rank)  # window position of the miss_rank-th takeable slot
         placed = miss & (miss_rank <= num_takeable)
         victim = torch.where(placed, cand[pos.clamp_max(w - 1)], 0)  # slot + 1; 0 (trash) if none
@@ -287,7 +330,8 @@ class PageCache:
             n - ok.sum().view(1),
         ]))
         out_idx = torch.where(placed, miss_rank - 1, n)  # compacted; entry n is trash, cut off
-        miss_pages = torch.full((n + 1,), -1, dtype=torch.int64, device=self.device).index_put_((out_idx,), srt)
+        to_load = torch.where(srt_prio < 0, -1, srt)  # a fresh representative: nothing to load
+        miss_pages = torch.full((n + 1,), -1, dtype=torch.int64, device=self.device).index_put_((out_idx,), to_load)
         miss_slots = torch.full((n + 1,), -1, dtype=torch.int32, device=self.device).index_put_((out_idx,), victim_slot)
         return self._resident[pages + base], miss_pages[:n], miss_slots[:n]
 

@@ -11,6 +11,7 @@ misses.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -21,6 +22,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from sparseserve_vllm.core.page_cache import CacheCapacityError, PageCache
 from tests.host_sync import allow_lagged_reads, forbid_host_sync
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the Triton backend can run on CPU tensors
 
 
 class RefCache:
@@ -67,11 +70,16 @@ class RefCache:
     def begin_layer(self) -> None:
         self.stamp += 1
 
-    def resolve(self, layer: int, pages: list[int]):
+    def resolve(self, layer: int, pages: list[int], fresh: list[bool] | None = None):
         n = len(pages)
+        fresh = fresh or [False] * n
         good = [p if -1 <= p < self.num_pages else -1 for p in pages]
         self.bad += sum(p != q for p, q in zip(pages, good))
-        distinct = sorted({p for p in good if p != -1})
+        rep: dict[int, tuple[int, bool]] = {}  # page -> (position, fresh) of its first fresh entry, else first entry
+        for i, p in enumerate(good):
+            if p != -1 and (p not in rep or (fresh[i] and not rep[p][1])):
+                rep[p] = (i, fresh[i])
+        distinct = sorted(rep, key=lambda p: rep[p][0])
         for p in distinct:
             if (layer, p) in self.slot_of:
                 self.last[self.slot_of[(layer, p)]] = self.stamp
@@ -94,7 +102,8 @@ class RefCache:
         self.unplaced += len(misses) - placed
         slots = [self.slot_of.get((layer, p), -1) for p in good]
         pad = [-1] * (n - placed)
-        return slots, misses[:placed] + pad, victims + pad
+        loads = [-1 if rep[p][1] else p for p in misses[:placed]]
+        return slots, loads + pad, victims + pad
 
     def lookup(self, layer: int, pages: list[int]) -> list[int]:
         return [self.slot_of.get((layer, p), -1) for p in pages]
@@ -157,9 +166,11 @@ bad_page_lists = st.lists(st.integers(min_value=-3, max_value=P + 2), max_size=4
 
 
 class PageCacheMachine(RuleBasedStateMachine):
+    backend = "torch"
+
     @initialize(window=st.sampled_from([None, 2, 3, S + 2]))
     def setup(self, window):
-        self.cache = PageCache(L, P, S, window=window)
+        self.cache = PageCache(L, P, S, window=window, backend=self.backend)
         self.ref = RefCache(L, P, S, window=window)
 
     @rule()
@@ -175,10 +186,12 @@ class PageCacheMachine(RuleBasedStateMachine):
     def check(self):
         _check_both(self.cache, self.ref, lambda c: c.check())
 
-    @rule(layer=st.integers(0, L - 1), pages=page_lists | bad_page_lists)
-    def resolve(self, layer, pages):
-        expected = self.ref.resolve(layer, pages)
-        slots, miss_pages, miss_slots = self.cache.resolve(layer, _t(pages))
+    @rule(layer=st.integers(0, L - 1), pages=page_lists | bad_page_lists, data=st.data())
+    def resolve(self, layer, pages, data):
+        fresh = data.draw(st.none() | st.lists(st.booleans(), min_size=len(pages), max_size=len(pages)))
+        expected = self.ref.resolve(layer, pages, fresh)
+        slots, miss_pages, miss_slots = self.cache.resolve(
+            layer, _t(pages), None if fresh is None else torch.tensor(fresh, dtype=torch.bool))
         assert slots.dtype == torch.int32 and miss_slots.dtype == torch.int32 and miss_pages.dtype == torch.int64
         assert (slots.tolist(), miss_pages.tolist(), miss_slots.tolist()) == expected
         if self.ref.unplaced:
@@ -212,28 +225,45 @@ PageCacheMachine.TestCase.settings = settings(
 TestPageCacheMachine = PageCacheMachine.TestCase
 
 
-def test_lru_order_scopes_and_deferred_capacity_error():
-    cache = PageCache(num_layers=2, num_logical_pages=16, num_slots=4)
+class TritonPageCacheMachine(PageCacheMachine):
+    backend = "triton"
+
+
+TritonPageCacheMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestTritonPageCacheMachine = pytest.mark.skipif(not INTERPRET, reason="the Triton path on CPU tensors needs "
+                                                "TRITON_INTERPRET=1 (on CUDA: test_cuda_matches_cpu_without_syncs)")(
+    TritonPageCacheMachine.TestCase)
+
+both_backends = pytest.mark.parametrize("backend", [
+    "torch", pytest.param("triton", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")),
+])
+
+
+@both_backends
+def test_lru_order_scopes_and_deferred_capacity_error(backend):
+    cache = PageCache(num_layers=2, num_logical_pages=16, num_slots=4, backend=backend)
     slots, miss_pages, miss_slots = cache.resolve(0, _t([7, 3, 3, -1, 5]))
-    # Misses in ascending page order take free slots lowest first; duplicates get the same slot; -1 padded.
-    assert miss_pages.tolist() == [3, 5, 7, -1, -1] and miss_slots.tolist() == [0, 1, 2, -1, -1]
-    assert slots.tolist() == [2, 0, 0, -1, 1]
+    # Misses in order of first appearance take free slots lowest first; duplicates get the same slot; -1 padded.
+    assert miss_pages.tolist() == [7, 3, 5, -1, -1] and miss_slots.tolist() == [0, 1, 2, -1, -1]
+    assert slots.tolist() == [0, 1, 1, -1, 2]
     cache.begin_step()  # ring: free slot 3, then 0, 1, 2 (all used at stamp 0)
-    cache.resolve(0, _t([5]))  # touch page 5 (slot 1) at stamp 1
+    cache.resolve(0, _t([5]))  # touch page 5 (slot 2) at stamp 1
     _, miss_pages, miss_slots = cache.resolve(1, _t([0, 1]))
-    # Free slot 3 first, then the LRU slot 0 (page 3 evicted); slot 1 is protected in this scope.
+    # Free slot 3 first, then the LRU slot 0 (page 7 evicted); slot 2 is protected in this scope.
     assert miss_pages.tolist() == [0, 1] and miss_slots.tolist() == [3, 0]
-    assert cache.lookup(0, _t([3, 5, 7])).tolist() == [-1, 1, 2]
-    # Only slot 2 is takeable in this scope: page 8 gets it, page 9 stays unplaced; nothing raises yet.
+    assert cache.lookup(0, _t([3, 5, 7])).tolist() == [1, 2, -1]
+    # Only slot 1 is takeable in this scope: page 8 gets it, page 9 stays unplaced; nothing raises yet.
     slots, miss_pages, miss_slots = cache.resolve(0, _t([8, 9, 5]))
-    assert slots.tolist() == [2, -1, 1] and miss_pages.tolist() == [8, -1, -1] and miss_slots.tolist() == [2, -1, -1]
+    assert slots.tolist() == [1, -1, 2] and miss_pages.tolist() == [8, -1, -1] and miss_slots.tolist() == [1, -1, -1]
     assert cache.stats() == {
         "hits": 2, "misses": 7, "evictions": 2, "used_slots": 4, "free_slots": 0, "num_slots": 4, "stamp": 1,
     }
-    # A new scope inside the step makes the slots of earlier scopes takeable, from the cursor on (past slot 2).
+    # A new scope inside the step makes the slots of earlier scopes takeable, from the cursor on (past slot 1).
     cache.begin_layer()
     _, miss_pages, miss_slots = cache.resolve(0, _t([9]))
-    assert miss_pages.tolist() == [9] and miss_slots.tolist() == [3]  # ring 3, 0, 1, 2; cursor was at 3
+    assert miss_pages.tolist() == [9] and miss_slots.tolist() == [2]  # ring 3, 0, 1, 2; cursor was at 2
     cache.begin_step()  # snapshots the unplaced page's count, without waiting for the device: nothing raises yet
     with pytest.raises(CacheCapacityError, match=r"1 missing page\(s\) got no slot .* enlarge the cache"):
         cache.begin_step()  # one step late
@@ -241,8 +271,22 @@ def test_lru_order_scopes_and_deferred_capacity_error():
     cache.begin_step()
 
 
-def test_bad_ids_are_padding_until_check_raises():
-    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=4)
+@both_backends
+def test_fresh_pages_rank_at_their_fresh_entry_and_load_nothing(backend):
+    cache = PageCache(num_layers=1, num_logical_pages=16, num_slots=8, backend=backend)
+    cache.resolve(0, _t([9]))  # slot 0
+    fresh = torch.tensor([False, False, True, False, True, True])
+    slots, miss_pages, miss_slots = cache.resolve(0, _t([4, 5, 4, 6, 9, -1]), fresh)
+    # Representatives: 5 at 1, 4 at 2 (its fresh entry), 6 at 3; page 9 is a hit (fresh or not), -1 is padding.
+    assert miss_slots.tolist() == [1, 2, 3, -1, -1, -1]
+    assert miss_pages.tolist() == [5, -1, 6, -1, -1, -1]  # page 4 is fresh: its slot gets no load
+    assert slots.tolist() == [2, 1, 2, 3, 0, -1]
+    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 4
+
+
+@both_backends
+def test_bad_ids_are_padding_until_check_raises(backend):
+    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=4, backend=backend)
     slots, miss_pages, _ = cache.resolve(0, _t([8, 2, -2]))
     assert slots.tolist() == [-1, 0, -1] and miss_pages.tolist() == [2, -1, -1]
     with pytest.raises(ValueError, match=r"\[0, 8\) .* 2 id\(s\)"):
@@ -250,10 +294,11 @@ def test_bad_ids_are_padding_until_check_raises():
     cache.begin_step()  # cleared
 
 
-def test_begin_step_raises_the_errors_one_step_late_without_a_host_sync():
+@both_backends
+def test_begin_step_raises_the_errors_one_step_late_without_a_host_sync(backend):
     """Errors of the resolves of step N are snapshotted by the start of step N + 1 and raised by the start of step
     N + 2; a raising start has snapshotted the next step's errors already. No step start reads device values."""
-    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=2)
+    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=2, backend=backend)
     cache.begin_step()
     with pytest.MonkeyPatch.context() as mp:
         forbid_host_sync(mp)
@@ -271,8 +316,9 @@ def test_begin_step_raises_the_errors_one_step_late_without_a_host_sync():
             cache.check()  # the synchronous check reads the device: the guard catches it
 
 
-def test_check_raises_what_begin_step_has_not_raised_yet():
-    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=2)
+@both_backends
+def test_check_raises_what_begin_step_has_not_raised_yet(backend):
+    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=2, backend=backend)
     cache.resolve(0, _t([0, 1, 2]))
     cache.begin_step()  # snapshotted, not raised
     cache.resolve(0, _t([10]))
@@ -287,8 +333,9 @@ def test_check_raises_what_begin_step_has_not_raised_yet():
     cache.check()
 
 
-def test_window_limits_the_scan():
-    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=4, window=2)
+@both_backends
+def test_window_limits_the_scan(backend):
+    cache = PageCache(num_layers=1, num_logical_pages=8, num_slots=4, window=2, backend=backend)
     _, miss_pages, miss_slots = cache.resolve(0, _t([0, 1, 2]))
     assert miss_pages.tolist() == [0, 1, -1] and miss_slots.tolist() == [0, 1, -1]  # free slots 2, 3 not scanned
     _, miss_pages, miss_slots = cache.resolve(0, _t([2]))  # the cursor moved on: slot 2
@@ -319,8 +366,9 @@ def test_scan_stops_after_the_scopes_ids_with_the_same_result(monkeypatch):
     _assert_same_state(cache, ref)
 
 
-def test_duplicates_counted_once_and_invalidate_frees():
-    cache = PageCache(num_layers=3, num_logical_pages=8, num_slots=8)
+@both_backends
+def test_duplicates_counted_once_and_invalidate_frees(backend):
+    cache = PageCache(num_layers=3, num_logical_pages=8, num_slots=8, backend=backend)
     cache.resolve(1, _t([2, 2, 2, 4]))
     cache.resolve(1, _t([4, 4]))
     assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 2
@@ -335,10 +383,11 @@ def test_duplicates_counted_once_and_invalidate_frees():
     assert cache.stats()["misses"] == 0 and cache.num_used_slots == 0 and cache.stamp == 0
 
 
-def test_random_trace_matches_reference_at_scale():
+@both_backends
+def test_random_trace_matches_reference_at_scale(backend):
     rng = random.Random(0)
     layers, pages, slots = 4, 300, 96
-    cache, ref = PageCache(layers, pages, slots), RefCache(layers, pages, slots)
+    cache, ref = PageCache(layers, pages, slots, backend=backend), RefCache(layers, pages, slots)
     for _ in range(60):
         cache.begin_step()
         ref.begin_step()
@@ -367,8 +416,9 @@ def test_the_guard_catches_a_sync():
     assert x[x > 1].tolist() == [2]  # lifted
 
 
-def test_resolve_calls_nothing_that_syncs():
-    cache = PageCache(num_layers=2, num_logical_pages=64, num_slots=8)
+@both_backends
+def test_resolve_calls_nothing_that_syncs(backend):
+    cache = PageCache(num_layers=2, num_logical_pages=64, num_slots=8, backend=backend)
     with pytest.MonkeyPatch.context() as mp:
         forbid_host_sync(mp)
         cache.begin_layer()
@@ -392,6 +442,9 @@ def test_resolve_calls_nothing_that_syncs():
         (lambda c: PageCache(0, 4, 4), "num_layers"),
         (lambda c: PageCache(1, 4, -3), "num_slots"),
         (lambda c: PageCache(1, 4, 4, window=0), "window"),
+        (lambda c: PageCache(1, 4, 4, backend="cuda"), "backend must be one of"),
+        (lambda c: c.resolve(0, _t([1, 2]), torch.tensor([1, 0])), "fresh must be None or a bool tensor"),
+        (lambda c: c.resolve(0, _t([1, 2]), torch.tensor([True])), "fresh must be None or a bool tensor"),
     ],
 )
 def test_bad_arguments(call, match):
@@ -401,12 +454,13 @@ def test_bad_arguments(call, match):
     assert cache.num_used_slots == 0 and cache.stats()["misses"] == 0
 
 
-def test_layer_scopes_replay_one_trace():
+@both_backends
+def test_layer_scopes_replay_one_trace(backend):
     """begin_layer + resolve of one shape record the same trace in every scope and step (the stamp and the cursor
     are device state), so a CUDA graph captured once replays them; nothing in them syncs (also not inside C++)."""
     from tests.host_sync import graph_trace
 
-    cache = PageCache(num_layers=2, num_logical_pages=64, num_slots=8)
+    cache = PageCache(num_layers=2, num_logical_pages=64, num_slots=8, backend=backend)
     pages = torch.full((6,), -1, dtype=torch.int64)  # persistent input, refilled per step
     traces = []
     for step in range(3):
