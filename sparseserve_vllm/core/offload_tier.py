@@ -98,7 +98,8 @@ class OffloadTier:
         self._h2d: list[FlashH2D | None] = [None] * host.num_layers  # planned on a layer's first load
         self.page_bytes = cache_pages[0].numel() * cache_pages.element_size()
         self.token_bytes = host.num_kv_heads * 2 * host.head_dim * cache_pages.element_size()
-        self._pages_h2d = torch.zeros((), dtype=torch.int64, device=self.device)  # pages loaded, on the device
+        self._pages_h2d = torch.zeros((), dtype=torch.int64, device=self.device)  # gather_context's loaded pages
+        # (the page cache counts the pages its resolves hand over to load: `cache.loads`)
         self._tokens_d2h = torch.zeros((), dtype=torch.int64, device=self.device)  # tokens saved, on the device
         self._heads = torch.arange(self.num_kv_heads, device=self.device)
         # Counters as of the last host read (a begin_step snapshot, refresh_stats, stats): plain ints that another
@@ -106,7 +107,7 @@ class OffloadTier:
         # it).
         self.last_stats: dict[str, int] = dict.fromkeys(
             ("hbm_hits", "hbm_misses", "hbm_evictions", "hbm_pages_in_use", "bytes_h2d", "bytes_d2h"), 0)
-        self._stats_snapshot = LaggedRead(self.device, 6)  # begin_step's, tagged with `_sync_reads` at the time
+        self._stats_snapshot = LaggedRead(self.device, 7)  # begin_step's, tagged with `_sync_reads` at the time
         self._sync_reads = 0  # refresh_stats calls: a snapshot tagged with an older count is older than last_stats
 
     def _kernel_backend(self) -> str:
@@ -186,7 +187,6 @@ class OffloadTier:
         if self._kernel_backend() == "torch":
             self.flush()
             flash_h2d_torch(self.host.pages(layer, self.page_size), self.cache_pages, pages, slots)
-            self._pages_h2d += (pages >= 0).sum()
             return
         op = self._h2d[layer]
         if op is None:
@@ -194,7 +194,6 @@ class OffloadTier:
                                                                          self.cache_pages)
         self.flush()
         op.run(pages, slots)
-        self._pages_h2d += (pages >= 0).sum()
 
     def resident_slots(self, layer: int, flat_pages: torch.Tensor) -> torch.Tensor:
         """Cache slots (int32) of pages known to be resident, e.g. those `write_new` just wrote this layer-step:
@@ -256,13 +255,13 @@ class OffloadTier:
         return torch.cat([self.cache.counter_tensor(), self._pages_h2d.view(1), self._tokens_d2h.view(1)])
 
     def _keep_stats(self, values: list[int]) -> None:
-        hits, misses, evictions, used, pages_h2d, tokens_d2h = values
+        hits, misses, evictions, loads, used, pages_h2d, tokens_d2h = values
         self.last_stats = {
             "hbm_hits": hits,
             "hbm_misses": misses,
             "hbm_evictions": evictions,
             "hbm_pages_in_use": used,
-            "bytes_h2d": pages_h2d * self.page_bytes,
+            "bytes_h2d": (loads + pages_h2d) * self.page_bytes,
             "bytes_d2h": tokens_d2h * self.token_bytes,
         }
 

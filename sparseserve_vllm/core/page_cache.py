@@ -10,7 +10,7 @@ Contract:
     `resident`  int32 [num_layers, num_logical_pages]: slot of the key, -1 when not cached;
     `owner`     int64 [num_slots]: `layer * num_logical_pages + page` of the slot's key, -1 when free;
     `last_use`  int64 [num_slots]: stamp of the slot's last use, -1 exactly when the slot is free;
-    `hits`, `misses`, `evictions`: int64 scalar tensors on `device`, updated without a host sync.
+    `hits`, `misses`, `evictions`, `loads`: int64 scalar tensors on `device`, updated without a host sync.
 - Stamps and steps. The stamp (an int64 scalar tensor on `device`, starting at 0; `stamp` reads it as an int,
   synchronizing) names the current *scope*; a slot touched or taken in the current scope (`last_use == stamp`) is
   protected: it is never taken by a `resolve` of the same scope.
@@ -38,7 +38,8 @@ Contract:
        cached) and are counted as *unplaced*; nothing raises here;
     5. the cursor moves to the position just after the last slot taken (it stays when none is taken).
   Counters: hits += distinct cached pages, misses += distinct missing pages (placed or not), evictions += taken
-  slots that held a key. It returns three tensors of length N on `device`:
+  slots that held a key, loads += the pages it hands the caller to load (placed, representative not fresh). It
+  returns three tensors of length N on `device`:
     `slots`       int32: the slot of every entry of `pages` after the call (-1 for padding, bad and unplaced ids);
     `miss_pages`  int64: for the k-th missing page that got a slot, at position k - 1: the page, or -1 when its
                   representative is fresh (nothing to load); then -1;
@@ -119,8 +120,8 @@ class PageCache:
         self._cursor = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._window_pos = torch.arange(self.window, dtype=torch.int64, device=self.device)
         # hits, misses, evictions, unplaced (deferred CacheCapacityError), bad ids (deferred ValueError)
-        self._counts = torch.zeros(5, dtype=torch.int64, device=self.device)
-        self.hits, self.misses, self.evictions = self._counts[0], self._counts[1], self._counts[2]
+        self._counts = torch.zeros(6, dtype=torch.int64, device=self.device)
+        self.hits, self.misses, self.evictions, self.loads = (self._counts[i] for i in range(4))
         self._errors = LaggedRead(self.device, 2)  # unplaced, bad: `begin_step`'s snapshot, raised by the next one
         self._stamp = torch.zeros((), dtype=torch.int64, device=self.device)
         self._scope_ids = 0  # ids passed to `resolve` in the current scope: bounds the slots it protects
@@ -166,12 +167,13 @@ class PageCache:
 
     def stats(self) -> dict[str, int]:
         """Counters and occupancy as Python ints (synchronizes with the host)."""
-        hits, misses, evictions, used, stamp = torch.cat([self._counts[:3], (self._owner[1:] > 0).sum().view(1),
-                                                          self._stamp.view(1)]).tolist()
+        hits, misses, evictions, loads, used, stamp = torch.cat([
+            self._counts[:4], (self._owner[1:] > 0).sum().view(1), self._stamp.view(1)]).tolist()
         return {
             "hits": hits,
             "misses": misses,
             "evictions": evictions,
+            "loads": loads,
             "used_slots": used,
             "free_slots": self.num_slots - used,
             "num_slots": self.num_slots,
@@ -181,8 +183,8 @@ class PageCache:
     # ------------------------------------------------------------------------------------------------ operations
     def check(self) -> None:
         """Raise every error `resolve` deferred and no `begin_step` raised yet (one host sync), clearing them."""
-        unplaced, bad = self._counts[3:].tolist()
-        self._counts[3:].zero_()
+        unplaced, bad = self._counts[4:].tolist()
+        self._counts[4:].zero_()
         taken = self._errors.take()
         if taken is not None:
             unplaced, bad = unplaced + taken[1][0], bad + taken[1][1]
@@ -191,8 +193,8 @@ class PageCache:
     def begin_step(self) -> None:
         """Start an engine step without a host sync: snapshot the deferred errors and raise those of the previous
         snapshot (see the module docstring), then a new scope and the eviction ring recomputed."""
-        taken = self._errors.swap(self._counts[3:])
-        self._counts[3:].zero_()  # after the copy, in stream order
+        taken = self._errors.swap(self._counts[4:])
+        self._counts[4:].zero_()  # after the copy, in stream order
         if taken is not None:
             self._raise(*taken[1])
         self._stamp.add_(1)
@@ -214,8 +216,8 @@ class PageCache:
             )
 
     def counter_tensor(self) -> torch.Tensor:
-        """int64 [4] on `device`: hits, misses, evictions, used slots (no sync)."""
-        return torch.cat([self._counts[:3], (self._owner[1:] > 0).sum().view(1)])
+        """int64 [5] on `device`: hits, misses, evictions, loads, used slots (no sync)."""
+        return torch.cat([self._counts[:4], (self._owner[1:] > 0).sum().view(1)])
 
     def begin_layer(self) -> None:
         """Start a new protection scope inside the step (slots of earlier scopes become takeable); on the device."""
@@ -281,6 +283,7 @@ class PageCache:
         if self._triton is not None:
             from sparseserve_vllm.kernels.page_cache_resolve import resolve_triton
 
+            fresh = None if fresh is None else fresh.contiguous()  # the kernels read memory, not views
             return resolve_triton(self._triton, base, pages.contiguous(), fresh, w)
         return self._resolve_torch(base, pages, fresh, w)
 
@@ -325,12 +328,12 @@ class PageCache:
         self._resident.index_put_((new_keys,), victim_slot)  # unplaced entries write -1 into the trash column
         num_placed = torch.minimum(num_miss, num_takeable)
         self._cursor.add_(torch.searchsorted(take_rank, num_placed) + (num_placed > 0)).remainder_(self.num_slots)
+        to_load = torch.where(srt_prio < 0, -1, srt)  # a fresh representative: nothing to load
         self._counts.add_(torch.cat([
-            first.sum().view(1) - num_miss, num_miss, (old > 0).sum().view(1), num_miss - num_placed,
-            n - ok.sum().view(1),
+            first.sum().view(1) - num_miss, num_miss, (old > 0).sum().view(1), (placed & (to_load >= 0)).sum().view(1),
+            num_miss - num_placed, n - ok.sum().view(1),
         ]))
         out_idx = torch.where(placed, miss_rank - 1, n)  # compacted; entry n is trash, cut off
-        to_load = torch.where(srt_prio < 0, -1, srt)  # a fresh representative: nothing to load
         miss_pages = torch.full((n + 1,), -1, dtype=torch.int64, device=self.device).index_put_((out_idx,), to_load)
         miss_slots = torch.full((n + 1,), -1, dtype=torch.int32, device=self.device).index_put_((out_idx,), victim_slot)
         return self._resident[pages + base], miss_pages[:n], miss_slots[:n]

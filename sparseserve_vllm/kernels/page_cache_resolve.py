@@ -3,7 +3,7 @@
 Contract: `resolve_triton(state, base, pages, fresh, window_len)` has exactly the effect and outputs of the torch
 path of `core/page_cache.py` (its module docstring states the semantics; the tests hold both against one plain
 reference model). `state` is the cache's `ResolveState` (its tensors, all on one device: `resident` int32, `owner`,
-`last_use`, `ring`, `cursor` [1], `stamp` [], `counts` [5] int64, `first_hit` int32 [num_slots + 1] holding
+`last_use`, `ring`, `cursor` [1], `stamp` [], `counts` [6] int64 (hits, misses, evictions, loads, unplaced, bad), `first_hit` int32 [num_slots + 1] holding
 `FIRST_HIT_CLEAR` everywhere between calls); `base` is the `resident` index of `(layer, page 0)`; `pages` a 1-D
 int64 tensor of N ids; `fresh` None or a 1-D bool tensor of N; `window_len` the ring positions to scan. It returns
 `(slots int32 [N], miss_pages int64 [N], miss_slots int32 [N])`.
@@ -72,7 +72,7 @@ def _claim_kernel(pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, last_u
                   counts_ptr, HAS_FRESH: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m, ok, real, p, key, fresh, claim = _entry(pages_ptr, fresh_ptr, offs, n, base, num_pages, HAS_FRESH)
-    tl.atomic_add(counts_ptr + 4, tl.sum((m & ~ok).to(tl.int64), 0))
+    tl.atomic_add(counts_ptr + 5, tl.sum((m & ~ok).to(tl.int64), 0))
     cached = tl.load(resident_ptr + key, mask=real, other=-1).to(tl.int64)
     hit = real & (cached >= 0)
     stamp = tl.load(stamp_ptr)
@@ -142,6 +142,7 @@ def _assign_kernel(pages_ptr, n, base, flag_ptr, rank_ptr, totals_ptr, take_pos_
     evict = placed & (old > 0)
     tl.store(resident_ptr + old, tl.full((BLOCK,), -1, tl.int32), mask=evict)
     tl.atomic_add(counts_ptr + 2, tl.sum(evict.to(tl.int64), 0))
+    tl.atomic_add(counts_ptr + 3, tl.sum((placed & (flag == 1)).to(tl.int64), 0))
     tl.store(owner_ptr + victim, key, mask=placed)
     tl.store(last_use_ptr + victim, tl.zeros_like(victim) + tl.load(stamp_ptr), mask=placed)
     slot = (victim - 1).to(tl.int32)
@@ -165,7 +166,7 @@ def _finish_kernel(pages_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, s
         num_miss = tl.load(totals_ptr)
         num_placed = tl.minimum(num_miss, tl.load(totals_ptr + 1))
         tl.atomic_add(counts_ptr + 1, num_miss.to(tl.int64))
-        tl.atomic_add(counts_ptr + 3, (num_miss - num_placed).to(tl.int64))
+        tl.atomic_add(counts_ptr + 4, (num_miss - num_placed).to(tl.int64))
         last = tl.load(take_pos_ptr + num_placed - 1, mask=num_placed > 0, other=-1)
         cursor = tl.load(cursor_ptr)
         tl.store(cursor_ptr, (cursor + last + 1) % num_slots, mask=num_placed > 0)

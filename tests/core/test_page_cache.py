@@ -39,7 +39,7 @@ class RefCache:
         self.key_of: list[tuple[int, int] | None] = [None] * self.num_slots
         self.last: list[int] = [-1] * self.num_slots
         self.stamp = 0
-        self.hits = self.misses = self.evictions = self.unplaced = self.bad = 0
+        self.hits = self.misses = self.evictions = self.loads = self.unplaced = self.bad = 0
         self.snapshot = (0, 0)  # (unplaced, bad) snapshotted by the last begin_step, raised by the next one
         self.sort_ring()
 
@@ -103,6 +103,7 @@ class RefCache:
         slots = [self.slot_of.get((layer, p), -1) for p in good]
         pad = [-1] * (n - placed)
         loads = [-1 if rep[p][1] else p for p in misses[:placed]]
+        self.loads += sum(p >= 0 for p in loads)
         return slots, loads + pad, victims + pad
 
     def lookup(self, layer: int, pages: list[int]) -> list[int]:
@@ -136,7 +137,8 @@ def _assert_same_state(cache: PageCache, ref: RefCache) -> None:
     assert cache.owner.tolist() == owners
     assert cache.last_use.tolist() == ref.last
     stats = cache.stats()
-    assert (stats["hits"], stats["misses"], stats["evictions"]) == (ref.hits, ref.misses, ref.evictions)
+    assert (stats["hits"], stats["misses"], stats["evictions"], stats["loads"]) == (
+        ref.hits, ref.misses, ref.evictions, ref.loads)
     assert stats["used_slots"] == len(ref.slot_of) == cache.num_used_slots
     assert cache.num_free_slots == ref.num_slots - len(ref.slot_of)
     # No two keys share a slot, and resident/owner agree both ways.
@@ -258,7 +260,8 @@ def test_lru_order_scopes_and_deferred_capacity_error(backend):
     slots, miss_pages, miss_slots = cache.resolve(0, _t([8, 9, 5]))
     assert slots.tolist() == [1, -1, 2] and miss_pages.tolist() == [8, -1, -1] and miss_slots.tolist() == [1, -1, -1]
     assert cache.stats() == {
-        "hits": 2, "misses": 7, "evictions": 2, "used_slots": 4, "free_slots": 0, "num_slots": 4, "stamp": 1,
+        "hits": 2, "misses": 7, "evictions": 2, "loads": 6, "used_slots": 4, "free_slots": 0, "num_slots": 4,
+        "stamp": 1,
     }
     # A new scope inside the step makes the slots of earlier scopes takeable, from the cursor on (past slot 1).
     cache.begin_layer()
@@ -281,7 +284,11 @@ def test_fresh_pages_rank_at_their_fresh_entry_and_load_nothing(backend):
     assert miss_slots.tolist() == [1, 2, 3, -1, -1, -1]
     assert miss_pages.tolist() == [5, -1, 6, -1, -1, -1]  # page 4 is fresh: its slot gets no load
     assert slots.tolist() == [2, 1, 2, 3, 0, -1]
-    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 4
+    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 4 and cache.stats()["loads"] == 3  # 9, 5, 6
+    # A strided `fresh` (a stride-0 view, as a [1, heads] expand flattens; the True after it in memory is not in it)
+    # is read by element, not by memory.
+    _, miss_pages, _ = cache.resolve(0, _t([10, 11]), torch.tensor([False, True])[:1].expand(2))
+    assert miss_pages.tolist() == [10, 11]
 
 
 @both_backends
