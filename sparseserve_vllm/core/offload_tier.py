@@ -62,6 +62,7 @@ from sparseserve_vllm.core.lagged_read import LaggedRead
 from sparseserve_vllm.core.page_cache import PageCache
 import sparseserve_vllm.kernels.flash_h2d as flash_h2d_module
 from sparseserve_vllm.kernels.flash_h2d import FlashH2D, flash_h2d, flash_h2d_torch
+from sparseserve_vllm.kernels.write_through import token_pages, write_through
 
 
 class OffloadTier:
@@ -147,29 +148,25 @@ class OffloadTier:
         self.saver.flush()
 
     def token_pages(self, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Logical flat page ids [T, Hkv] of the tokens at `slot_mapping` (which must hold no -1)."""
-        bs = self.host.block_size
-        block = slot_mapping // bs
-        pib = (slot_mapping % bs) // self.page_size
-        return (block[:, None] * self.num_kv_heads + self._heads[None, :]) * self.ppb + pib[:, None]
+        """Logical flat page ids [T, Hkv] of the tokens at `slot_mapping` (-1 for -1 padding)."""
+        pages, _ = token_pages(slot_mapping, block_size=self.host.block_size, page_size=self.page_size,
+                               num_kv_heads=self.num_kv_heads, backend="torch")
+        return pages.view(-1, self.num_kv_heads)
 
     def write_new(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Write the tokens of `key`/`value` ([>= T, Hkv, D]) at `slot_mapping` ([T], -1 = padding) through into
         their cache pages, making those resident first (see the module docstring). No host sync."""
-        t = slot_mapping.numel()
-        if t == 0:
+        if slot_mapping.numel() == 0:
             return
-        sm = slot_mapping.to(torch.int64)
-        real = (sm >= 0)[:, None]
-        pages = torch.where(real, self.token_pages(sm), -1)  # [T, Hkv]
-        off = sm % self.page_size  # any offset for padding: it lands in the trash page
-        # A missing page whose offset-0 token is in this write has no older tokens: the cache loads nothing for it.
-        fresh = (real & (off == 0)[:, None]).expand(t, self.num_kv_heads).reshape(-1)
-        cache_slots, miss_pages, miss_slots = self.cache.resolve(layer, pages.reshape(-1), fresh)
+        backend = self._kernel_backend()
+        # A missing page whose offset-0 token is in this write has no older tokens (`fresh`): the cache loads nothing
+        # for it.
+        pages, fresh = token_pages(slot_mapping, block_size=self.host.block_size, page_size=self.page_size,
+                                   num_kv_heads=self.num_kv_heads, backend=backend)
+        cache_slots, miss_pages, miss_slots = self.cache.resolve(layer, pages, fresh)
         self._load(layer, miss_pages, miss_slots)
-        dst = cache_slots.view(t, self.num_kv_heads).to(torch.int64)  # -1 (padding, no slot) wraps to the trash page
-        kv = torch.cat((key[:t], value[:t]), dim=-1).to(self.cache_pages.dtype)
-        self.cache_pages.index_put_((dst, off[:, None]), kv)
+        write_through(self.cache_pages, key, value, slot_mapping, cache_slots, page_size=self.page_size,
+                      trash_slot=self.trash_slot, backend=backend)
 
     def resolve(self, layer: int, flat_pages: torch.Tensor) -> torch.Tensor:
         """Cache slots (int32, -1 for -1 entries and pages left without a slot) of `flat_pages` of `layer`; the
