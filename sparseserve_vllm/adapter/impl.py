@@ -135,10 +135,10 @@ class SparseServeImpl(AttentionImpl):
         tier.write_new(li, key, value, slot_mapping)
         meta = rt.page_meta(li, kv_cache)
         if md.summarize_slots.numel():
-            # Logical pages -> the cache slots `write_new` just filled; -1 padding reads the tier's trash page (the
-            # last slot) and writes meta's trash row (its last): fixed shapes, no host sync.
-            cached = tier.resident_slots(li, md.summarize_slots).to(torch.long)
-            self._summarize_pages(meta, tier.cache_pages[cached], md.summarize_slots)
+            # Logical pages -> the cache slots `write_new` just filled, read there; -1 padding (and a page left
+            # without a slot) is skipped: fixed shapes, no host sync.
+            cached = tier.resident_slots(li, md.summarize_slots)
+            build_page_metadata(tier.cache_pages, meta, md.summarize_slots, selector=rt.cfg.selector, src_slots=cached)
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if li < rt.cfg.dense_layers:  # eager only: the backend declares NEVER for offload with dense layers
