@@ -147,14 +147,15 @@ class SparseServeImpl(AttentionImpl):
             return output
         nd = md.num_decodes
         if nd:
-            def to_cache_slots(slots, lens):
-                flat = torch.where(lens > 0, slots, -1).reshape(-1)
-                return tier.resolve(li, flat).view(slots.shape).clamp_min(0)
+            selected = []  # the logical pages the wrapper selected, -1 where none (its padding has length 0)
 
-            wrapper = rt.wrapper
-            wrapper.run(q[:nd], tier.cache_pages, meta, md.decode_block_table, md.decode_seq_lens, self.scale,
-                        out[:nd], translate=to_cache_slots)
-            rt.record_selection(li, wrapper.last_slots, wrapper.last_page_lens)
+            def to_cache_slots(slots, lens):
+                selected.append(torch.where(lens > 0, slots, -1).reshape(-1))
+                return tier.resolve(li, selected[0]).view(slots.shape).clamp_min(0)
+
+            rt.wrapper.run(q[:nd], tier.cache_pages, meta, md.decode_block_table, md.decode_seq_lens, self.scale,
+                           out[:nd], translate=to_cache_slots)
+            rt.record_selection(li, selected[0])
         # Saves last: the loads above wait only for earlier layers' saves.
         if md.num_prefills:
             self._dense_from_host(tier, q, key, value, out, md.prefill_query_start_loc_cpu, md.prefill_seq_lens_cpu,

@@ -266,11 +266,11 @@ class SparseRuntime:
         owned = torch.where(valid, pages, -1).reshape(lens.numel(), -1)
         self._ws_rows = (block_table[:, 0].to(dev, torch.long), owned)
 
-    def record_selection(self, layer: int, slots: torch.Tensor, lens: torch.Tensor) -> None:
-        """Impl, offload: the logical pages one sparse decode layer selected (`lens > 0` marks valid entries); device
-        work only (the builder's `note_decode_rows` opened the step)."""
+    def record_selection(self, layer: int, pages: torch.Tensor) -> None:
+        """Impl, offload: the logical pages one sparse decode layer selected (-1 = none); device work only (the
+        builder's `note_decode_rows` opened the step)."""
         if self.ws_tracker is not None:
-            self.ws_tracker.record(layer, torch.where(lens > 0, slots, -1))
+            self.ws_tracker.record(layer, pages)
 
     def working_set_report(self, step: int) -> tuple[int, dict[int, int]] | None:
         """After the forward of step `step`, once per step, without a host sync: close the decode step, snapshot the

@@ -80,7 +80,7 @@ def test_runtime_reports_each_decode_requests_working_set_in_bytes_one_step_late
         """Decode step `number`: `selections[layer]` = [A's pages, B's pages] (None: padding), the same for both
         heads; returns the report the step's output carries."""
         rt.note_decode_rows(table, lens, selects=bool(selections))
-        record(rt, selections, a2)
+        record(rt, selections)
         return rt.working_set_report(number)
 
     # Step 1: A selects a0, a1 in layer 0 and a2 in layer 2; B selects b0 in layer 0 and b0, b1 in layer 2. Its report
@@ -102,15 +102,13 @@ def test_runtime_reports_each_decode_requests_working_set_in_bytes_one_step_late
     close(rt)
 
 
-def record(rt, selections, pad):
+def record(rt, selections):
     """`selections[layer]` = [request 0's pages, request 1's pages] (None: padding), recorded for both KV heads."""
     for layer, rows in selections.items():
         ids = torch.tensor([[-1 if p is None else p for p in row] for row in rows]).view(2, 1, -1).repeat(1, HKV, 1)
         valid = ids >= 0
         ids[:, 1] += 2
-        # Padding entries carry an owned page id with length 0: only the length marks them invalid.
-        slots = torch.where(valid, ids, pad).to(torch.int32)
-        rt.record_selection(layer, slots, valid.to(torch.int32) * 16)
+        rt.record_selection(layer, torch.where(valid, ids, -1))
 
 
 def test_a_finished_requests_late_report_is_never_credited_to_the_new_owner_of_its_block():
@@ -128,7 +126,7 @@ def test_a_finished_requests_late_report_is_never_credited_to_the_new_owner_of_i
         with pytest.MonkeyPatch.context() as mp:
             forbid_host_sync(mp)
             allow_lagged_reads(mp)
-            record(rt, {0: [pages, [b0, None]]}, a0)
+            record(rt, {0: [pages, [b0, None]]})
             report = rt.working_set_report(number)
         return None if report is None else owners.credit(*report)
 
