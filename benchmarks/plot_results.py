@@ -12,6 +12,7 @@ benchmarks/results/README.md) and writes, for the given date:
   page-cache-h200-<date>.png            PageCache.resolve throughput vs an OrderedDict LRU
   offload-h200-<date>.png               offload decode step and batch control on/off
   segmented-prefill-h200-<date>.png     layer-segmented prefill: prompt alone (128K, 32K) and TTFT under load
+  set10-h200-2026-11-30.png             offload step before/after, gqa_reduce cost, batch control, serving (11-30)
   accuracy-smollm2-cpu.png              pass-key hits and attention-output error per selector, budget, gqa_reduce
 A plot whose input file is missing is skipped with a message. Only matplotlib and the standard library are used.
 """
@@ -557,6 +558,74 @@ def plot_set9(results: Path, tag: str, title_suffix: str) -> None:
     fig.suptitle(f"Fifth set, Llama-3.1-8B shape: {title_suffix}", fontsize=10)
     save(fig, results / f"set9-{tag}.png")
 
+def plot_set10(results: Path, tag: str = "h200-2026-11-30") -> None:
+    """Sixth set: the offload decode step before/after the Triton page cache, `gqa_reduce` cost, batch control, serving."""
+    prof = {k: load(results, f"offload-profile-{tag}-{k}.json") for k in ("before", "after")}
+    sd = {(s, r): load(results, f"sparse-decode-{tag}-b64-ctx32k-{s}-{r}.json")
+          for s in ("cuboid_mean", "mean") for r in ("sum", "mass")}
+    bc = load(results, f"batch-control-{tag}.json")
+    e2e = load(results, f"e2e-serve-{tag}/summary.json")
+    if None in (*prof.values(), *sd.values(), bc, e2e):
+        return
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(21, 5.2))
+    labels = ["a53a7ec\n(torch resolve)", "fd947f1\n(Triton resolve)"]
+    for i, (sysn, color) in enumerate((("sparse", "tab:blue"), ("offload", "tab:red"))):
+        runs = [prof[k]["runs"][sysn] for k in ("before", "after")]
+        bars = ax1.bar([x + (i - 0.5) * 0.38 for x in range(2)], [r["wall_ms_per_step"] for r in runs], 0.38,
+                       color=color, label=f"{sysn} (kernels/step: {', '.join(str(int(r['trace']['per_step']['kernels'])) for r in runs)})")
+        label_bars(ax1, bars, "{:.2f} ms", 8)
+    ax1.set_xticks(range(2))
+    ax1.set_xticklabels(labels, fontsize=8)
+    ax1.set_ylabel("decode step, 1 x 16K, all pages cached (ms)")
+    ax1.legend(fontsize=8)
+    ax1.set_title(f"Offload vs sparse per step: {prof['before']['offload_vs_sparse']['wall_ms_per_step']}x -> "
+                  f"{prof['after']['offload_vs_sparse']['wall_ms_per_step']}x", fontsize=9)
+    groups = [("cuboid_mean", "sum"), ("cuboid_mean", "mass"), ("mean", "sum"), ("mean", "mass")]
+    vals = [sd[g]["times_us"]["wrapper_run"] for g in groups]
+    bars = ax2.bar(range(4), vals, color=["tab:blue", "tab:green"] * 2)
+    label_bars(ax2, bars, "{:.0f} us", 8)
+    fa3 = [sd[g]["times_us"]["wrapper_run"] * sd[g]["speedup_vs_vllm_fa3"] for g in groups]
+    ax2.axhline(sum(fa3) / len(fa3) / GOAL_DECODE_SPEEDUP, color="k", lw=0.8, ls="--", label="FA3 dense / 5 (goal)")
+    ax2.set_xticks(range(4))
+    ax2.set_xticklabels([f"{s}\n{r}: {sd[(s, r)]['speedup_vs_vllm_fa3']:.2f}x FA3" for s, r in groups], fontsize=8)
+    ax2.set_ylabel("sparse decode step, batch 64 x 32K (us)")
+    ax2.legend(fontsize=8)
+    ax2.set_title("gqa_reduce cost (score + select + attend)", fontsize=9)
+    runs = {r["batch_control"]: r for r in bc["runs"]}
+    bars = ax3.bar(range(2), [runs[True]["output_tok_s"], runs[False]["output_tok_s"]], color=["tab:blue", "tab:orange"])
+    label_bars(ax3, bars, "{:.3g}", 9)
+    ax3.set_xticks(range(2))
+    ax3.set_xticklabels([f"control {n}\nlargest batch {runs[c]['max_batch_cap']}\n"
+                         f"{runs[c]['gib_loaded_per_step']:.2f} GiB loaded/step" for n, c in (("on", True), ("off", False))],
+                        fontsize=8)
+    ax3.set_ylabel("output tokens/s (prefill included)")
+    ax3.set_title(f"Batch control ({bc['requests']} x {bc['context'] // 1024}K, {bc['cache_gib']:g} GiB cache): "
+                  f"{bc['throughput_on_vs_off']}x (goal 1.3x),\n{bc['loads_off_vs_on']}x fewer loads (goal 10x)",
+                  fontsize=9)
+    sysrows = {n: v["runs"] for n, v in e2e["systems"].items()}
+    names = [n for n in ("dense", "sparseserve") if n in sysrows]
+    thr = [sysrows[n]["rate-inf"]["output_throughput"] for n in names]
+    tpot = [sysrows[n]["batch1"]["mean_tpot_ms"] for n in names]
+    bars = ax4.bar([x - 0.2 for x in range(len(names))], thr, 0.4, color="tab:purple", label="output tok/s, 8 requests")
+    label_bars(ax4, bars, "{:.1f}", 8)
+    ax4b = ax4.twinx()
+    bars = ax4b.bar([x + 0.2 for x in range(len(names))], tpot, 0.4, color="tab:gray", label="batch-1 ms per token")
+    label_bars(ax4b, bars, "{:.2f}", 8)
+    ax4.set_ylim(0, max(thr) * 1.35)
+    ax4b.set_ylim(0, max(tpot) * 1.35)
+    ax4.set_xticks(range(len(names)))
+    ax4.set_xticklabels(names, fontsize=8)
+    ax4.set_ylabel("output tokens/s at rate inf")
+    ax4b.set_ylabel("single-request decode, ms per token")
+    ax4.legend(fontsize=8, loc="upper left")
+    ax4b.legend(fontsize=8, loc="upper right")
+    g = e2e["goals"]["sparseserve"]
+    ax4.set_title(f"vllm serve: SparseServe {g['throughput_vs_dense']}x dense throughput, "
+                  f"{g['batch1_decode_vs_dense']}x batch-1 decode", fontsize=9)
+    fig.suptitle("Sixth set, Llama-3.1-8B shape: NVIDIA H200, 2026-11-30", fontsize=10)
+    save(fig, results / f"set10-{tag}.png")
+
+
 PASSKEY_FILES = ("passkey-smollm2-cpu.json", "passkey-smollm2-cpu-gqa-max.json", "passkey-smollm2-cpu-gqa-mean-max.json",
                  "passkey-smollm2-cpu-mean-mass.json", "passkey-smollm2-cpu-gqa-mass.json")
 REDUCES = (("sum", "tab:blue"), ("max", "tab:orange"), ("mass", "tab:green"))
@@ -626,6 +695,7 @@ def main() -> None:
     plot_segmented(results, f"segmented-prefill-{tag}-ring2.json", f"segmented-load-{tag}-decode-out-256.json",
                    f"segmented-prefill-{tag}-set8.png", f"{a.machine} (GPU 0 of an x2 machine), {a.date}")
     plot_set9(results, tag, suffix)
+    plot_set10(results)
     plot_accuracy(results)
 
 
