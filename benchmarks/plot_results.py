@@ -488,6 +488,21 @@ def plot_segmented(results: Path, pre_name: str, load_name: str, out_name: str, 
     save(fig, results / out_name)
 
 
+def plot_batch_control(ax, bc: dict, title: str) -> None:
+    """Output tokens/s with batch control on and off (`gpu_batch_control.py`'s JSON), on `ax`."""
+    runs = {r["batch_control"]: r for r in bc["runs"]}
+    bars = ax.bar(range(2), [runs[True]["output_tok_s"], runs[False]["output_tok_s"]], color=["tab:blue", "tab:orange"])
+    label_bars(ax, bars, "{:.3g}", 9)
+    ax.set_xticks(range(2))
+    ax.set_xticklabels([f"control {n}\nlargest batch {runs[c]['max_batch_cap']}\n"
+                        f"{runs[c]['gib_loaded_per_step']:.2f} GiB loaded/step" for n, c in (("on", True), ("off", False))],
+                       fontsize=8)
+    ax.set_ylabel("output tokens/s (prefill included)")
+    ax.set_title(f"{title} ({bc['requests']} x {bc['context'] // 1024}K, {bc['cache_gib']:g} GiB cache): "
+                 f"{bc['throughput_on_vs_off']}x (goal 1.3x),\n{bc['loads_off_vs_on']}x fewer loads (goal 10x)",
+                 fontsize=9)
+
+
 def plot_set9(results: Path, tag: str, title_suffix: str) -> None:
     """Fifth set: offload decode in full CUDA graphs, batch control with it, segmented prefill and its profile."""
     graphs = load(results, f"offload-graphs-{tag}.json")
@@ -515,18 +530,7 @@ def plot_set9(results: Path, tag: str, title_suffix: str) -> None:
     ax1.set_title(f"Offload decode: graphs {graphs['runs']['eager']['decode_ms_per_step'] / graphs['runs']['full_decode_graphs']['decode_ms_per_step']:.2f}x"
                   f" / {graphs1['runs']['eager']['decode_ms_per_step'] / graphs1['runs']['full_decode_graphs']['decode_ms_per_step']:.2f}x faster,"
                   f" tokens equal {graphs['tokens_same']}, {graphs1['tokens_same']}", fontsize=9)
-    runs = {r["batch_control"]: r for r in bc["runs"]}
-    vals = [runs[True]["output_tok_s"], runs[False]["output_tok_s"]]
-    bars = ax2.bar(range(2), vals, color=["tab:blue", "tab:orange"])
-    label_bars(ax2, bars, "{:.3g}", 9)
-    ax2.set_xticks(range(2))
-    ax2.set_xticklabels([f"control {n}\nlargest batch {runs[c]['max_batch_cap']}\n"
-                         f"{runs[c]['gib_loaded_per_step']:.2f} GiB loaded/step" for n, c in (("on", True), ("off", False))],
-                        fontsize=8)
-    ax2.set_ylabel("output tokens/s, decode phase")
-    ax2.set_title(f"Batch control in graphs ({bc['requests']} x {bc['context'] // 1024}K, {bc['cache_gib']:g} GiB cache):"
-                  f"\n{bc['throughput_on_vs_off']}x throughput (goal 1.3x), {bc['loads_off_vs_on']}x fewer loads (goal 10x)",
-                  fontsize=9)
+    plot_batch_control(ax2, bc, "Batch control in graphs")
     for i, (n, c) in enumerate(zip(SEGMENTED_SYSTEMS, SEGMENTED_COLORS)):
         vals = [pre["runs"][n]["mid_s"] / pre["runs"]["plain"]["mid_s"], pre["runs"][n]["long_s"] / pre["runs"]["plain"]["long_s"]]
         bars = ax3.bar([x + (i - 1.5) * 0.2 for x in range(2)], vals, 0.2, color=c, label=n)
@@ -591,17 +595,7 @@ def plot_set10(results: Path, tag: str = "h200-2026-11-30") -> None:
     ax2.set_ylabel("sparse decode step, batch 64 x 32K (us)")
     ax2.legend(fontsize=8)
     ax2.set_title("gqa_reduce cost (score + select + attend)", fontsize=9)
-    runs = {r["batch_control"]: r for r in bc["runs"]}
-    bars = ax3.bar(range(2), [runs[True]["output_tok_s"], runs[False]["output_tok_s"]], color=["tab:blue", "tab:orange"])
-    label_bars(ax3, bars, "{:.3g}", 9)
-    ax3.set_xticks(range(2))
-    ax3.set_xticklabels([f"control {n}\nlargest batch {runs[c]['max_batch_cap']}\n"
-                         f"{runs[c]['gib_loaded_per_step']:.2f} GiB loaded/step" for n, c in (("on", True), ("off", False))],
-                        fontsize=8)
-    ax3.set_ylabel("output tokens/s (prefill included)")
-    ax3.set_title(f"Batch control ({bc['requests']} x {bc['context'] // 1024}K, {bc['cache_gib']:g} GiB cache): "
-                  f"{bc['throughput_on_vs_off']}x (goal 1.3x),\n{bc['loads_off_vs_on']}x fewer loads (goal 10x)",
-                  fontsize=9)
+    plot_batch_control(ax3, bc, "Batch control")
     sysrows = {n: v["runs"] for n, v in e2e["systems"].items()}
     names = [n for n in ("dense", "sparseserve") if n in sysrows]
     thr = [sysrows[n]["rate-inf"]["output_throughput"] for n in names]
