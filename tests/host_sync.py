@@ -16,11 +16,11 @@
   guard paused (the interpreter copies its arguments to and from host buffers itself).
   Two runs of one code path replay correctly from one capture when their traces are equal: same ops, same frozen
   Python values, the same persistent tensors, and no input that is not persistent.
-- `allow_lagged_reads(mp)`: under `forbid_host_sync`, lets `LaggedRead.take` read its host snapshot. That is what
-  "no blocking host sync" allows on the host-side step paths (`begin_step`, the working-set report): on CUDA the
-  snapshot is pinned host memory that a non-blocking copy filled a step earlier, read after waiting for the event
-  recorded then (which the GPU has normally passed), never for work queued since; on the CPU the guard cannot tell
-  that buffer from device memory, so it is told. Every other read of tensor values still raises.
+- `allow_lagged_reads(mp)`: under `forbid_host_sync`, lets `LaggedRead` read its host snapshots. That is what
+  "no blocking host sync" allows on the host-side step paths (`begin_step`, the working-set report): on CUDA a
+  snapshot is pinned host memory that a non-blocking copy filled a step or more earlier, read once its event has
+  completed (or, with `depth` snapshots in flight, after waiting for the oldest), never for work queued since; on
+  the CPU the guard cannot tell that buffer from device memory, so it is told. Every other read of tensor values still raises.
 """
 
 from __future__ import annotations
@@ -107,19 +107,19 @@ class _Trace(TorchDispatchMode):
 
 
 def allow_lagged_reads(mp: pytest.MonkeyPatch) -> None:
-    """Let `LaggedRead.take` read its host snapshot under the guards (see the module docstring)."""
+    """Let `LaggedRead` read its host snapshots under the guards (see the module docstring)."""
     from sparseserve_vllm.core.lagged_read import LaggedRead
 
-    take = LaggedRead.take
+    read = LaggedRead._read
 
-    def paused_take(self):
+    def paused_read(self, snapshot):
         _PAUSED[0] += 1
         try:
-            return take(self)
+            return read(self, snapshot)
         finally:
             _PAUSED[0] -= 1
 
-    mp.setattr(LaggedRead, "take", paused_take)
+    mp.setattr(LaggedRead, "_read", paused_read)
 
 
 @contextlib.contextmanager

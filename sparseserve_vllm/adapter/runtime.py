@@ -22,10 +22,11 @@ Contract:
   the connector's number of the step). It computes on the device the working set of each decode request of the
   step, bytes = distinct (layer, page) of its own pages selected in the last `working_set_window` decode steps x
   page bytes (`page_size x 2 x head_dim x element size`), and snapshots them with the requests' first block ids
-  into pinned host memory without a host sync (`LaggedRead`, tagged with `step`); it returns the snapshot the
-  previous call made: `(its step, {first block id: bytes})`, requests with nothing selected in the window left
-  out, or None (no snapshot pending, or all left out). So the report describes the previous decode step and is
-  keyed by the block ids of that step: the scheduler maps them to requests with that step's number, and a block
+  into pinned host memory without a host sync (`LaggedRead`, tagged with `step`); it returns the newest earlier
+  snapshot whose copy is done (normally the previous call's; on CUDA an older one when the GPU is behind, or none):
+  `(its step, {first block id: bytes})`, requests with nothing selected in the window left out, or None (no
+  snapshot done, or all left out). So the report describes an earlier decode step and is keyed by the block ids of
+  that step: the scheduler maps them to requests with that step's number, and a block
   freed and given to another request since then is never credited to the new owner. Freed blocks' pages are
   forgotten (`free_blocks`).
 - `page_meta(layer, kv_cache)`: the layer's page metadata `[num_pages (+ 1 with offload), M, D]`; with offload the
@@ -274,7 +275,7 @@ class SparseRuntime:
 
     def working_set_report(self, step: int) -> tuple[int, dict[int, int]] | None:
         """After the forward of step `step`, once per step, without a host sync: close the decode step, snapshot the
-        working sets of its decode requests and return the previous snapshot's `(step, {first block id: bytes})`
+        working sets of its decode requests and return an earlier snapshot's `(step, {first block id: bytes})`
         (see the module docstring); None when there is none or it holds no request with a selection."""
         rows, self._ws_rows = self._ws_rows, None
         if self.ws_tracker is None:
@@ -288,9 +289,9 @@ class SparseRuntime:
             first, owned = rows
             ws = self.ws_tracker.working_set_pages(owned) * self.ws_tracker.bytes_per_page
             taken = self._ws_report.swap(torch.cat([first, ws]), tag=step)
-        if taken is None:
+        if not taken:
             return None
-        described, values = taken
+        described, values = taken[-1]  # the newest complete snapshot (older ones are superseded)
         n = len(values) // 2
         report = {b: nbytes for b, nbytes in zip(values[:n], values[n:]) if nbytes > 0}
         return (described, report) if report else None

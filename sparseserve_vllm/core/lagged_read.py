@@ -1,26 +1,29 @@
-"""`LaggedRead`: a few integers of the device read on the host one step later, without waiting for the GPU.
+"""`LaggedRead`: a few integers of the device read on the host a step or two later, without waiting for the GPU.
 
 Contract:
-- `LaggedRead(device, size)`: a host buffer of `size` int64 values, pinned when `device` is a CUDA device (made
-  here, once; a `swap` of more values replaces it by one twice as large or more, so callers allocate only rarely,
-  and only where they run: on the host, outside CUDA-graph capture).
-- `swap(values, tag=None)`: returns what `take()` returns, then starts a new snapshot: `values` (a 1-D integer
-  tensor on `device`) are copied into the host buffer, on CUDA by a non-blocking device->host copy on the current
-  stream followed by a CUDA event recorded on it, on the CPU by a plain copy (already complete: no event). `tag`
-  (any Python object, e.g. the step the values describe) is kept with them. The device tensor may be changed or
-  freed right after `swap` returns: later work on that stream runs after the copy.
-- `take()`: `(tag, values as a list of ints)` of the last snapshot, or None when none is pending (never made, or
-  taken already); on CUDA it first waits for the snapshot's event. A `swap` of the next step, on the host before
-  that step's work is queued, finds the event complete in steady state: it waits for the GPU to pass the point
-  where the snapshot was queued, never for work queued after it. Called right after a `swap` (a synchronous
-  reader: tests, shutdown), it waits for all the work queued before it.
-- One code path on both devices (only the copy's blocking and the event differ), so CPU runs test the same logic,
-  with the same one-step lag.
+- `LaggedRead(device, size, depth=2)`: snapshots of up to `size` int64 values into host buffers, pinned when `device`
+  is a CUDA device (made only where `swap` runs: on the host, outside CUDA-graph capture; a buffer grows to twice
+  its size or more when a snapshot needs it, and a read buffer is used again). At most `depth` snapshots are in
+  flight (`depth >= 1`).
+- `swap(values, tag=None)`: returns the snapshots that are complete, then starts a new one: `values` (a 1-D integer
+  tensor on `device`) are copied into a host buffer, on CUDA by a non-blocking device->host copy on the current
+  stream followed by a CUDA event recorded on it, on the CPU by a plain copy (complete at once). `tag` (any Python
+  object, e.g. the step the values describe) is kept with them. The device tensor may be changed or freed right
+  after `swap` returns: later work on that stream runs after the copy.
+  What it returns: a list of `(tag, values as a list of ints)`, oldest first, of the pending snapshots whose copy
+  has completed (`event.query()`: no waiting), stopping at the first that has not; and if `depth` snapshots would
+  still be pending, it first waits for the oldest and returns it too. So on the CPU (and on CUDA when the GPU keeps
+  up) every `swap` returns exactly the previous snapshot: values come back one `swap` later; on CUDA, when the GPU
+  is behind the host, they come back later (at most `depth` swaps) instead of the host waiting.
+- `take()`: every pending snapshot, oldest first, waiting for each copy (a synchronous reader: tests, shutdown);
+  `[]` when none is pending.
+- One code path on both devices (only the copy's blocking and the event differ), so CPU runs test the same logic.
 No vLLM import.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
@@ -29,32 +32,51 @@ __all__ = ["LaggedRead"]
 
 
 class LaggedRead:
-    def __init__(self, device: torch.device | str, size: int):
+    def __init__(self, device: torch.device | str, size: int, depth: int = 2):
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
         self.device = torch.empty(0, device=device).device
-        self._event = torch.cuda.Event() if self.device.type == "cuda" else None
-        self._host = self._buffer(size)
-        self._pending: tuple[Any, int] | None = None  # (tag, number of values) of the snapshot not taken yet
+        self.depth = depth
+        self._size = size
+        self._free: list[tuple[torch.Tensor, Any]] = []  # (host buffer, event) pairs ready for reuse
+        self._pending: deque[tuple[Any, int, torch.Tensor, Any]] = deque()  # (tag, n, buffer, event), oldest first
 
-    def _buffer(self, size: int) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.int64, pin_memory=self._event is not None)
+    def _new_event(self):
+        return torch.cuda.Event() if self.device.type == "cuda" else None
 
-    def swap(self, values: torch.Tensor, tag: Any = None) -> tuple[Any, list[int]] | None:
-        """The pending snapshot (see `take`), then a new one of `values` (see the module docstring)."""
-        previous = self.take()
+    def _record(self, event) -> None:
+        if event is not None:
+            event.record(torch.cuda.current_stream(self.device))
+
+    def swap(self, values: torch.Tensor, tag: Any = None) -> list[tuple[Any, list[int]]]:
+        """The complete snapshots, then a new one of `values` (see the module docstring)."""
+        done = []
+        while self._pending and (self._pending[0][3] is None or self._pending[0][3].query()):
+            done.append(self._read(self._pending.popleft()))
+        if len(self._pending) >= self.depth:
+            done.append(self._read(self._pending.popleft()))
         n = values.numel()
-        if n > self._host.numel():
-            self._host = self._buffer(max(n, 2 * self._host.numel()))
-        self._host[:n].copy_(values.view(-1), non_blocking=True)
-        if self._event is not None:
-            self._event.record(torch.cuda.current_stream(self.device))
-        self._pending = (tag, n)
-        return previous
+        buffer, event = self._free.pop() if self._free else (None, self._new_event())
+        if buffer is None or buffer.numel() < n:
+            size = max(n, self._size if buffer is None else 2 * buffer.numel())
+            buffer = torch.empty(size, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        buffer[:n].copy_(values.view(-1), non_blocking=True)
+        self._record(event)
+        self._pending.append((tag, n, buffer, event))
+        return done
 
-    def take(self) -> tuple[Any, list[int]] | None:
-        """`(tag, values)` of the pending snapshot (waiting for its copy), or None when none is pending."""
-        if self._pending is None:
-            return None
-        (tag, n), self._pending = self._pending, None
-        if self._event is not None:
-            self._event.synchronize()
-        return tag, self._host[:n].tolist()
+    def take(self) -> list[tuple[Any, list[int]]]:
+        """Every pending snapshot, oldest first, waiting for their copies."""
+        done = []
+        while self._pending:
+            done.append(self._read(self._pending.popleft()))
+        return done
+
+    def _read(self, snapshot: tuple[Any, int, torch.Tensor, Any]) -> tuple[Any, list[int]]:
+        """The values of a snapshot taken off the queue (waiting for its copy); its buffer is used again."""
+        tag, n, buffer, event = snapshot
+        if event is not None:
+            event.synchronize()
+        values = buffer[:n].tolist()
+        self._free.append((buffer, event))
+        return tag, values

@@ -37,7 +37,7 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
 - Pages that got no slot because the cache could not hold them (or ids out of range) do not raise at once: their
   tokens go to the trash page, `resolve` returns -1 for them, and the error (`CacheCapacityError` or
   `ValueError`) is raised one step late, by the `begin_step()` after next (the next one snapshots it without a
-  host sync), or at once by `check()` (synchronous).
+  host sync; on CUDA, a later one if the GPU is behind), or at once by `check()` (synchronous).
 - `free_blocks(block_ids)`: finished or aborted requests give their pages' cache slots back.
 - Host data written by `save` becomes visible to loads after `flush()`; `write_new`, `resolve` and
   `gather_context` flush before they load, so a load never reads a page older than what this process saved.
@@ -46,8 +46,8 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
   `last_stats` holds them as plain ints for other threads (the runtime's stats publisher), which must never touch
   the GPU (during vLLM's CUDA-graph capture, in the default "global" capture mode, a GPU sync or allocation from
   another thread invalidates it). `begin_step` snapshots them without a host sync (`LaggedRead`) and puts the
-  previous `begin_step`'s snapshot there, so they lag a step: at step N they are the counters as of the start of
-  step N - 1. `refresh_stats()` and `stats()` read them now (one host sync); a snapshot taken before such a read
+  newest earlier snapshot whose copy is done there, so they lag a step (on CUDA, more while the GPU is behind): at
+  step N they are the counters as of the start of step N - 1. `refresh_stats()` and `stats()` read them now (one host sync); a snapshot taken before such a read
   is then not put there (`last_stats` never goes back in time).
 No vLLM import.
 """
@@ -120,9 +120,9 @@ class OffloadTier:
         snapshotted (the previous snapshot goes to `last_stats`), deferred errors of the step before the previous
         one raised, new eviction ring."""
         self.flush()
-        taken = self._stats_snapshot.swap(self._counter_tensor(), tag=self._sync_reads)
-        if taken is not None and taken[0] == self._sync_reads:
-            self._keep_stats(taken[1])
+        for sync_reads, values in self._stats_snapshot.swap(self._counter_tensor(), tag=self._sync_reads):
+            if sync_reads == self._sync_reads:  # oldest first: the newest snapshot not older than last_stats stays
+                self._keep_stats(values)
         self.cache.begin_step()
 
     def begin_layer(self) -> None:

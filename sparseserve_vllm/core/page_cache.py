@@ -60,10 +60,11 @@ Contract:
   -> `CacheCapacityError`) and raised on the host later, by one of:
     `begin_step()`  without a host sync: it snapshots the counts into pinned host memory (`LaggedRead`: a
                     non-blocking copy and a CUDA event) and clears them on the device, then raises the counts of
-                    the snapshot the PREVIOUS `begin_step` made (whose copy is done by then), before it opens its
-                    scope. So the errors of the resolves of step N (between the starts of steps N and N + 1) are
-                    raised by the start of step N + 2: one step after the step that made them ends. The CPU runs
-                    the same code, with the same lag;
+                    the earlier snapshots whose copies are done (normally the one the PREVIOUS `begin_step` made),
+                    before it opens its scope. So the errors of the resolves of step N (between the starts of steps
+                    N and N + 1) are raised by the start of step N + 2: one step after the step that made them ends
+                    (on CUDA, if the GPU is still behind then, by the start of step N + 3, which waits for it). The
+                    CPU runs the same code, with the one-step lag;
     `check()`       synchronously (one host sync): every count not raised yet, the pending snapshot's included
                     (tests, shutdown).
   Each raises once, then the counts are clear. A step that left pages unplaced attended to garbage for them (the
@@ -122,7 +123,7 @@ class PageCache:
         # hits, misses, evictions, unplaced (deferred CacheCapacityError), bad ids (deferred ValueError)
         self._counts = torch.zeros(6, dtype=torch.int64, device=self.device)
         self.hits, self.misses, self.evictions, self.loads = (self._counts[i] for i in range(4))
-        self._errors = LaggedRead(self.device, 2)  # unplaced, bad: `begin_step`'s snapshot, raised by the next one
+        self._errors = LaggedRead(self.device, 2)  # unplaced, bad: `begin_step`'s snapshots, raised by a later one
         self._stamp = torch.zeros((), dtype=torch.int64, device=self.device)
         self._scope_ids = 0  # ids passed to `resolve` in the current scope: bounds the slots it protects
         self.backend = resolve_backend(backend, self._owner)
@@ -185,9 +186,8 @@ class PageCache:
         """Raise every error `resolve` deferred and no `begin_step` raised yet (one host sync), clearing them."""
         unplaced, bad = self._counts[4:].tolist()
         self._counts[4:].zero_()
-        taken = self._errors.take()
-        if taken is not None:
-            unplaced, bad = unplaced + taken[1][0], bad + taken[1][1]
+        for _, (u, b) in self._errors.take():
+            unplaced, bad = unplaced + u, bad + b
         self._raise(unplaced, bad)
 
     def begin_step(self) -> None:
@@ -195,8 +195,7 @@ class PageCache:
         snapshot (see the module docstring), then a new scope and the eviction ring recomputed."""
         taken = self._errors.swap(self._counts[4:])
         self._counts[4:].zero_()  # after the copy, in stream order
-        if taken is not None:
-            self._raise(*taken[1])
+        self._raise(sum(v[0] for _, v in taken), sum(v[1] for _, v in taken))
         self._stamp.add_(1)
         self._scope_ids = 0
         self._sort_ring()
