@@ -265,7 +265,7 @@ class PageCache:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Map `pages` of `layer` to cache slots, assigning slots to the misses (see the module docstring)."""
         self._check_layer(layer)
-        pages = self._check_pages(pages)
+        pages = self._check_pages(pages, kernel_dtypes=self._triton is not None)
         n = pages.numel()
         if fresh is not None and (not isinstance(fresh, torch.Tensor) or fresh.dtype != torch.bool
                                   or fresh.shape != pages.shape or fresh.device != self.device):
@@ -349,14 +349,15 @@ class PageCache:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
 
-    def _check_pages(self, pages: torch.Tensor) -> torch.Tensor:
+    def _check_pages(self, pages: torch.Tensor, *, kernel_dtypes: bool = False) -> torch.Tensor:
+        """`pages` validated, as int64 (`kernel_dtypes`: int32 stays int32, which the Triton kernels read as it is)."""
         if not isinstance(pages, torch.Tensor) or pages.dim() != 1:
             raise ValueError(f"pages must be a 1-D integer tensor, got {pages!r:.80}")
         if pages.dtype.is_floating_point or pages.dtype.is_complex or pages.dtype == torch.bool:
             raise ValueError(f"pages must have an integer dtype, got {pages.dtype}")
         if pages.device != self.device:
             raise ValueError(f"pages must be on the cache's device {self.device}, got {pages.device}")
-        return pages.to(torch.int64)
+        return pages if kernel_dtypes and pages.dtype == torch.int32 else pages.to(torch.int64)
 
     def _check_range(self, pages: torch.Tensor) -> None:
         """Synchronizes: used by `lookup` and `invalidate` only."""

@@ -3,10 +3,10 @@
 Contract: `resolve_triton(state, base, pages, fresh, window_len)` has exactly the effect and outputs of the torch
 path of `core/page_cache.py` (its module docstring states the semantics; the tests hold both against one plain
 reference model). `state` is the cache's `ResolveState` (its tensors, all on one device: `resident` int32, `owner`,
-`last_use`, `ring`, `cursor` [1], `stamp` [], `counts` [6] int64 (hits, misses, evictions, loads, unplaced, bad), `first_hit` int32 [num_slots + 1] holding
-`FIRST_HIT_CLEAR` everywhere between calls); `base` is the `resident` index of `(layer, page 0)`; `pages` a 1-D
-int64 tensor of N ids; `fresh` None or a 1-D bool tensor of N; `window_len` the ring positions to scan. It returns
-`(slots int32 [N], miss_pages int64 [N], miss_slots int32 [N])`.
+`last_use`, `ring`, `cursor` [1], `stamp` [], `counts` [6] int64 (hits, misses, evictions, loads, unplaced, bad),
+`first_hit` int32 [num_slots + 1] holding `FIRST_HIT_CLEAR` everywhere between calls); `base` is the `resident`
+index of `(layer, page 0)`; `pages` a 1-D int32 or int64 tensor of N ids; `fresh` None or a 1-D bool tensor of N;
+`window_len` the ring positions to scan. It returns `(slots int32 [N], miss_pages int64 [N], miss_slots int32 [N])`.
 
 The launches (N ids, W = window_len ring positions):
   1. claim   (N): hits get the stamp and compete for "first copy" of their slot (`atomic_min` of the entry's index
@@ -55,7 +55,7 @@ class ResolveState:
 def _entry(pages_ptr, fresh_ptr, offs, n, base, num_pages, HAS_FRESH: tl.constexpr):
     """Per entry: in range of the call, bad id, real page, its resident index, fresh, claim value."""
     m = offs < n
-    p = tl.load(pages_ptr + offs, mask=m, other=-1)
+    p = tl.load(pages_ptr + offs, mask=m, other=-1).to(tl.int64)
     ok = (p >= -1) & (p < num_pages)
     real = m & ok & (p >= 0)
     key = base + p
@@ -134,7 +134,7 @@ def _assign_kernel(pages_ptr, n, base, flag_ptr, rank_ptr, totals_ptr, take_pos_
     num_placed = tl.minimum(tl.load(totals_ptr), num_take)
     rep = m & (flag > 0)
     placed = rep & (rank <= num_take)
-    p = tl.load(pages_ptr + offs, mask=rep, other=-1)
+    p = tl.load(pages_ptr + offs, mask=rep, other=-1).to(tl.int64)
     key = base + p
     j = tl.load(take_pos_ptr + rank - 1, mask=placed, other=0)
     victim = tl.load(ring_ptr + tl.load(cursor_ptr) + j, mask=placed, other=0)  # slot + 1
@@ -174,7 +174,7 @@ def _finish_kernel(pages_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, s
 
 def resolve_triton(state: ResolveState, base: int, pages: torch.Tensor, fresh: torch.Tensor | None,
                    window_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See the module docstring. `pages` int64 [N >= 1], `fresh` None or bool [N], all on the state's device."""
+    """See the module docstring. `pages` int32/int64 [N >= 1], `fresh` None or bool [N], all on the state's device."""
     n, dev = pages.numel(), pages.device
     flag = torch.empty(n, dtype=torch.int32, device=dev)
     rank = torch.empty(n, dtype=torch.int32, device=dev)

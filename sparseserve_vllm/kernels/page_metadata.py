@@ -112,7 +112,8 @@ def build_page_metadata(kv_pages, meta, slots, *, selector, src_slots=None, back
         return meta
     page = kv_pages.shape[1]
     _build_meta_kernel[(slots.numel(),)](
-        kv_pages, meta, slots, slots if src_slots is None else src_slots, kv_pages.stride(0), kv_pages.stride(1), meta.stride(0), meta.stride(1),
+        kv_pages, meta, slots, slots if src_slots is None else src_slots, kv_pages.stride(0), kv_pages.stride(1),
+        meta.stride(0), meta.stride(1),
         PAGE=page, D=d, SELECTOR=SELECTOR_CODES[selector],
         BLOCK_T=triton.next_power_of_2(page), BLOCK_D=triton.next_power_of_2(d), num_warps=4,
     )

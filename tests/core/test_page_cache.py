@@ -191,9 +191,10 @@ class PageCacheMachine(RuleBasedStateMachine):
     @rule(layer=st.integers(0, L - 1), pages=page_lists | bad_page_lists, data=st.data())
     def resolve(self, layer, pages, data):
         fresh = data.draw(st.none() | st.lists(st.booleans(), min_size=len(pages), max_size=len(pages)))
+        dtype = data.draw(st.sampled_from([torch.int64, torch.int32]))  # the selection's page ids are int32
         expected = self.ref.resolve(layer, pages, fresh)
         slots, miss_pages, miss_slots = self.cache.resolve(
-            layer, _t(pages), None if fresh is None else torch.tensor(fresh, dtype=torch.bool))
+            layer, _t(pages).to(dtype), None if fresh is None else torch.tensor(fresh, dtype=torch.bool))
         assert slots.dtype == torch.int32 and miss_slots.dtype == torch.int32 and miss_pages.dtype == torch.int64
         assert (slots.tolist(), miss_pages.tolist(), miss_slots.tolist()) == expected
         if self.ref.unplaced:
