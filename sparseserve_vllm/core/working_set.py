@@ -133,7 +133,7 @@ class WorkingSetTracker:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         pages = self._check_pages("pages", pages).reshape(-1)
-        self._stamps[layer, self._column(pages)] = self._step
+        self._stamps[layer, pages] = self._step  # -1 indexes the last column: the trash column
 
     def end_step(self) -> None:
         """Close the open decode step."""
@@ -143,7 +143,7 @@ class WorkingSetTracker:
     def forget(self, pages: torch.Tensor) -> None:
         """Clear the stamps of `pages` in every layer (their request finished; -1 ignored)."""
         pages = self._check_pages("pages", pages).reshape(-1)
-        self._stamps[:, self._column(pages)] = NEVER
+        self._stamps[:, pages] = NEVER  # -1: the trash column
 
     def recent_layer_counts(self) -> torch.Tensor:
         """int64 [num_logical_pages]: in how many layers each page was selected within the window."""
@@ -200,15 +200,13 @@ class WorkingSetTracker:
         ws = ws_pages.to(device=self.device, dtype=torch.int64)
         return torch.where(ws > 0, ws, budget) * self.bytes_per_page
 
-    def _column(self, pages: torch.Tensor) -> torch.Tensor:
-        return torch.where(pages >= 0, pages, self.num_logical_pages)
-
     def _check_pages(self, name: str, pages: torch.Tensor, bounds: bool = True) -> torch.Tensor:
         if not isinstance(pages, torch.Tensor) or pages.dtype.is_floating_point or pages.dtype.is_complex or pages.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got {pages!r:.80}")
         if pages.device != self.device:
             raise ValueError(f"{name} must be on the tracker's device {self.device}, got {pages.device}")
-        pages = pages.to(torch.int64)
+        if pages.dtype not in (torch.int32, torch.int64):
+            pages = pages.to(torch.int64)
         if bounds and self.check_bounds and pages.numel():
             lo, hi = torch.stack([pages.min(), pages.max()]).tolist()
             if lo < -1 or hi >= self.num_logical_pages:
