@@ -65,13 +65,13 @@ Contract:
                     N and N + 1) are raised by the start of step N + 2: one step after the step that made them ends
                     (on CUDA, if the GPU is still behind then, by the start of step N + 3, which waits for it). The
                     CPU runs the same code, with the one-step lag;
-    `check()`       synchronously (one host sync): every count not raised yet, the pending snapshot's included
+    `check()`       synchronously (one host sync): every count not raised yet, the pending snapshots' included
                     (tests, shutdown).
   Each raises once, then the counts are clear. A step that left pages unplaced attended to garbage for them (the
   slot its caller substituted for -1), and so may the next, before the error is raised; bad ids were read as
   padding.
 - `lookup` reads slots without touching; `invalidate` drops keys and frees their slots (request finished or
-  aborted); `reset` empties the cache and zeroes the counters, the deferred errors (a pending snapshot's too)
+  aborted); `reset` empties the cache and zeroes the counters, the deferred errors (pending snapshots' too)
   and the stamp. These three and `stats`/`num_used_slots` may synchronize (they are not on the per-layer path);
   `lookup` and `invalidate` raise `ValueError` for ids outside `[-1, num_logical_pages)`, except
   `lookup(..., check_range=False)`, which checks no values and does not synchronize (the tier's page summaries
