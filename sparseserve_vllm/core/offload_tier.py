@@ -47,8 +47,8 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
   the GPU (during vLLM's CUDA-graph capture, in the default "global" capture mode, a GPU sync or allocation from
   another thread invalidates it). `begin_step` snapshots them without a host sync (`LaggedRead`) and puts the
   newest earlier snapshot whose copy is done there, so they lag a step (on CUDA, more while the GPU is behind): at
-  step N they are the counters as of the start of step N - 1. `refresh_stats()` and `stats()` read them now (one host sync); a snapshot taken before such a read
-  is then not put there (`last_stats` never goes back in time).
+  step N they are the counters as of the start of step N - 1. `refresh_stats()` and `stats()` read them now (one
+  host sync); a snapshot taken before such a read is then not put there (`last_stats` never goes back in time).
 No vLLM import.
 """
 
@@ -89,10 +89,11 @@ class OffloadTier:
         self.device = cache_pages.device
         self.pages_per_layer = host.num_logical_blocks * host.num_kv_heads * self.ppb
         self.trash_slot = cache_pages.shape[0] - 1
-        # The page cache resolves with its Triton kernels where FlashH2D's kernel runs too (CUDA, or the CPU under
-        # TRITON_INTERPRET=1), with its torch path elsewhere.
+        # The tier's kernels (page cache, FlashH2D, write-through) run in Triton where FlashH2D's kernel can (CUDA, or
+        # the CPU under TRITON_INTERPRET=1), with their torch paths elsewhere.
+        self._backend = "triton" if self.device.type == "cuda" or flash_h2d_module._INTERPRET else "torch"
         self.cache = PageCache(host.num_layers, self.pages_per_layer, self.trash_slot, device=self.device,
-                               window=eviction_window, backend=self._kernel_backend())
+                               window=eviction_window, backend=self._backend)
         self.saver = FlashD2HSaver(host, max_tokens=max_tokens, num_threads=d2h_threads, device=self.device,
                                    staging_tokens=staging_tokens)
         self.h2d_sms = h2d_sms
@@ -110,9 +111,6 @@ class OffloadTier:
             ("hbm_hits", "hbm_misses", "hbm_evictions", "hbm_pages_in_use", "bytes_h2d", "bytes_d2h"), 0)
         self._stats_snapshot = LaggedRead(self.device, 7)  # begin_step's, tagged with `_sync_reads` at the time
         self._sync_reads = 0  # refresh_stats calls: a snapshot tagged with an older count is older than last_stats
-
-    def _kernel_backend(self) -> str:
-        return "triton" if self.device.type == "cuda" or flash_h2d_module._INTERPRET else "torch"
 
     # ---- per step and layer ----
     def begin_step(self) -> None:
@@ -158,15 +156,14 @@ class OffloadTier:
         their cache pages, making those resident first (see the module docstring). No host sync."""
         if slot_mapping.numel() == 0:
             return
-        backend = self._kernel_backend()
         # A missing page whose offset-0 token is in this write has no older tokens (`fresh`): the cache loads nothing
         # for it.
         pages, fresh = token_pages(slot_mapping, block_size=self.host.block_size, page_size=self.page_size,
-                                   num_kv_heads=self.num_kv_heads, backend=backend)
+                                   num_kv_heads=self.num_kv_heads, backend=self._backend)
         cache_slots, miss_pages, miss_slots = self.cache.resolve(layer, pages, fresh)
         self._load(layer, miss_pages, miss_slots)
         write_through(self.cache_pages, key, value, slot_mapping, cache_slots, page_size=self.page_size,
-                      trash_slot=self.trash_slot, backend=backend)
+                      trash_slot=self.trash_slot, backend=self._backend)
 
     def resolve(self, layer: int, flat_pages: torch.Tensor) -> torch.Tensor:
         """Cache slots (int32, -1 for -1 entries and pages left without a slot) of `flat_pages` of `layer`; the
@@ -181,7 +178,7 @@ class OffloadTier:
         Triton interpreter uses the torch path (which synchronizes; there is no device to wait for)."""
         if pages.numel() == 0:
             return
-        if self._kernel_backend() == "torch":
+        if self._backend == "torch":
             self.flush()
             flash_h2d_torch(self.host.pages(layer, self.page_size), self.cache_pages, pages, slots)
             return
