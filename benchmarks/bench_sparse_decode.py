@@ -29,6 +29,7 @@ full pages + K/V of the selected tokens + q/out) and the achieved fraction of 4.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -152,9 +153,9 @@ def tune(a, q, kv_pages, meta, block_table, seq_lens, nf, scale, wrapper, out) -
                                         num_kv_heads=hkv, gqa_reduce=a.gqa_reduce, scale=mass_scale,
                                         head_scores=wrapper._head_scores, out=wrapper._scores),
                     a.iters, a.graph_reps)
-        for nw in (1, 2, 4, 8, 16):
-            page_topk.SELECT_LAUNCH.update(num_warps=nw)
-            res["select"][f"warps={nw}"], _ = time_cuda(
+        for radix, nw in itertools.product((2, 4, 16), (1, 2, 4, 8, 16)):
+            page_topk.SELECT_LAUNCH.update(radix=radix, num_warps=nw)
+            res["select"][f"radix={radix},warps={nw}"], _ = time_cuda(
                 lambda: select_pages(wrapper._scores, seq_lens, page_size=page, num_select=wrapper.num_select,
                                      sink_pages=a.sink_pages, recent_pages=a.recent_pages, out=wrapper._page_idx,
                                      block_table=block_table, ppb=ppb, slots_out=wrapper._slots,

@@ -11,6 +11,9 @@ KV of that many requests as a multiple of the HBM cache (capacity), and the gree
 two engines.
 
     python benchmarks/gpu_batch_control.py --out r.json [--requests 16 --context 32768 --output 64]
+
+Where one call cannot hold both engines, run `--only on` and `--only off` in two calls (each JSON then keeps its
+greedy tokens) and join them: `python benchmarks/gpu_batch_control.py --out r.json --combine on.json off.json`.
 """
 
 from __future__ import annotations
@@ -95,7 +98,19 @@ def main() -> None:
     ap.add_argument("--cache-gib", type=float, default=2.0)
     ap.add_argument("--host-gib", type=float, default=72.0)
     ap.add_argument("--only", choices=["on", "off"], default=None)
+    ap.add_argument("--combine", nargs=2, metavar=("ON_JSON", "OFF_JSON"),
+                    help="join two --only runs (same arguments) into --out instead of running")
     a = ap.parse_args()
+    if a.combine:
+        parts = [json.load(open(p)) for p in a.combine]
+        res = {k: v for k, v in parts[0].items() if k != "runs"}
+        if any({k: v for k, v in p.items() if k != "runs"} != res for p in parts):
+            raise SystemExit("--combine: the two runs were made with different arguments")
+        res["runs"] = parts[0]["runs"] + parts[1]["runs"]
+        if [r["batch_control"] for r in res["runs"]] != [True, False]:
+            raise SystemExit("--combine takes the --only on JSON first, then the --only off JSON")
+        write(res, a.out)
+        return
     import random
 
     from gpu_model import model_dir
@@ -111,16 +126,25 @@ def main() -> None:
         except Exception as e:
             res["runs"].append({"batch_control": control, "error": f"{type(e).__name__}: {e}"[-2000:]})
         print(json.dumps({k: v for k, v in res["runs"][-1].items() if k not in ("tokens", "counters")}), flush=True)
-    ok = [r for r in res["runs"] if "tokens" in r]
+    write(res, a.out, keep_tokens=a.only is not None)
+
+
+def write(res: dict, out: str, keep_tokens: bool = False) -> None:
+    """Ratios of the on and off runs when both ran (tokens compared where both kept theirs), then the JSON."""
+    ok = [r for r in res["runs"] if "output_tok_s" in r]
     if len(ok) == 2:
-        same = sum(x == y for p, q in zip(ok[0]["tokens"], ok[1]["tokens"]) for x, y in zip(p, q))
-        res["tokens_equal"] = f"{same}/{sum(len(p) for p in ok[0]['tokens'])}"
         on, off = ok
+        if "tokens" in on and "tokens" in off:
+            same = sum(x == y for p, q in zip(on["tokens"], off["tokens"]) for x, y in zip(p, q))
+            res["tokens_equal"] = f"{same}/{sum(len(p) for p in on['tokens'])}"
+        else:
+            res["tokens_equal"] = "not compared (a run kept no tokens)"
         res["throughput_on_vs_off"] = round(on["output_tok_s"] / off["output_tok_s"], 3)
         res["loads_off_vs_on"] = round(off["pages_loaded_per_step"] / max(on["pages_loaded_per_step"], 1e-9), 2)
-    for r in res["runs"]:
-        r.pop("tokens", None)
-    with open(a.out, "w") as f:
+    if not keep_tokens:
+        for r in res["runs"]:
+            r.pop("tokens", None)
+    with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
 

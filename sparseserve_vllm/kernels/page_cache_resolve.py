@@ -1,4 +1,5 @@
-"""`resolve_triton`: `PageCache.resolve` in five Triton launches, without a host sync (CUDA-graph capturable).
+"""`resolve_triton`: `PageCache.resolve` in one Triton launch (up to 1024 ids) or five, without a host sync
+(CUDA-graph capturable).
 
 Contract: `resolve_triton(state, base, pages, fresh, window_len)` has exactly the effect and outputs of the torch
 path of `core/page_cache.py` (its module docstring states the semantics; the tests hold both against one plain
@@ -20,6 +21,10 @@ The launches (N ids, W = window_len ring positions):
   4. assign  (N): the k-th representative takes the k-th takeable slot (evicting its key), or, past the takeable
                   slots, drops its claim (unplaced); `miss_pages`/`miss_slots` written in rank order, -1 after;
   5. finish  (N): every entry's slot read back, `first_hit` cleared, counters and the cursor advanced.
+Up to `_BLOCK` (1024) ids, as at small batch (a request's selection is `Hkv x budget / page_size` ids, a step's
+new tokens `Hkv` per request), one program runs the five phases in order, with a block-wide barrier between
+phases and the cache state loaded `volatile` (past L1, so what a phase wrote, atomics included, is what the next
+one reads): one launch instead of five, the same effect. Its window scan and rank scan run one after the other.
 Entries are int64 ids; ids outside `[-1, num_pages)` count as bad and act as padding.
 """
 
@@ -35,6 +40,7 @@ __all__ = ["FIRST_HIT_CLEAR", "ResolveState", "resolve_triton"]
 
 FIRST_HIT_CLEAR = torch.iinfo(torch.int32).max
 _BLOCK = 1024
+_FUSED_WARPS = 8
 
 
 @dataclass
@@ -67,13 +73,15 @@ def _entry(pages_ptr, fresh_ptr, offs, n, base, num_pages, HAS_FRESH: tl.constex
     return m, ok, real, p, key, fresh, claim
 
 
+# The phases below load the cache state `volatile` (past L1): in the fused kernel one program writes it (atomics
+# included) in one phase and reads it in the next, after a barrier.
+
 @triton.jit
-def _claim_kernel(pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, last_use_ptr, first_hit_ptr, stamp_ptr,
-                  counts_ptr, HAS_FRESH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _claim(offs, pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, last_use_ptr, first_hit_ptr, stamp_ptr,
+           counts_ptr, HAS_FRESH: tl.constexpr):
     m, ok, real, p, key, fresh, claim = _entry(pages_ptr, fresh_ptr, offs, n, base, num_pages, HAS_FRESH)
     tl.atomic_add(counts_ptr + 5, tl.sum((m & ~ok).to(tl.int64), 0))
-    cached = tl.load(resident_ptr + key, mask=real, other=-1).to(tl.int64)
+    cached = tl.load(resident_ptr + key, mask=real, other=-1, volatile=True).to(tl.int64)
     hit = real & (cached >= 0)
     stamp = tl.load(stamp_ptr)
     tl.store(last_use_ptr + cached + 1, tl.zeros_like(cached) + stamp, mask=hit)
@@ -82,63 +90,63 @@ def _claim_kernel(pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, last_u
 
 
 @triton.jit
-def _flags_kernel(pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, flag_ptr, counts_ptr,
-                  HAS_FRESH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _flags(offs, pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, flag_ptr, counts_ptr,
+           HAS_FRESH: tl.constexpr):
     m, ok, real, p, key, fresh, claim = _entry(pages_ptr, fresh_ptr, offs, n, base, num_pages, HAS_FRESH)
-    r = tl.load(resident_ptr + key, mask=real, other=-1)
+    r = tl.load(resident_ptr + key, mask=real, other=-1, volatile=True)
     rep = real & (r == claim)
     tl.store(flag_ptr + offs, tl.where(rep, tl.where(fresh, 2, 1), 0), mask=m)
     hit = real & (r >= 0)
-    first = tl.load(first_hit_ptr + r.to(tl.int64) + 1, mask=hit, other=-1)
+    first = tl.load(first_hit_ptr + r.to(tl.int64) + 1, mask=hit, other=-1, volatile=True)
     tl.atomic_add(counts_ptr + 0, tl.sum((hit & (first == offs)).to(tl.int64), 0))
 
 
 @triton.jit
-def _scan_kernel(flag_ptr, rank_ptr, n, ring_ptr, cursor_ptr, last_use_ptr, stamp_ptr, take_pos_ptr, w, totals_ptr,
-                 BLOCK: tl.constexpr):
-    """Program 0: ranks of the representatives; program 1: the window's takeable positions, compacted."""
+def _rank_scan(flag_ptr, rank_ptr, n, totals_ptr, BLOCK: tl.constexpr):
+    """The representatives' 1-based ranks in entry order, and their number."""
     carry = tl.sum(tl.zeros((BLOCK,), dtype=tl.int32), 0)
-    if tl.program_id(0) == 0:
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < n
-            f = (tl.load(flag_ptr + offs, mask=m, other=0) > 0).to(tl.int32)
-            tl.store(rank_ptr + offs, tl.cumsum(f, 0) + carry, mask=m)
-            carry += tl.sum(f, 0)
-        tl.store(totals_ptr, carry)
-    else:
-        cursor = tl.load(cursor_ptr)
-        stamp = tl.load(stamp_ptr)
-        for start in range(0, w, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < w
-            cand = tl.load(ring_ptr + cursor + offs, mask=m, other=0)
-            take = m & (tl.load(last_use_ptr + cand, mask=m, other=0) < stamp)
-            t = take.to(tl.int32)
-            rank = tl.cumsum(t, 0) + carry
-            tl.store(take_pos_ptr + rank - 1, offs, mask=take)
-            carry += tl.sum(t, 0)
-        tl.store(totals_ptr + 1, carry)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        f = (tl.load(flag_ptr + offs, mask=m, other=0, volatile=True) > 0).to(tl.int32)
+        tl.store(rank_ptr + offs, tl.cumsum(f, 0) + carry, mask=m)
+        carry += tl.sum(f, 0)
+    tl.store(totals_ptr, carry)
 
 
 @triton.jit
-def _assign_kernel(pages_ptr, n, base, flag_ptr, rank_ptr, totals_ptr, take_pos_ptr, ring_ptr, cursor_ptr,
-                   owner_ptr, last_use_ptr, resident_ptr, stamp_ptr, counts_ptr, miss_pages_ptr, miss_slots_ptr,
-                   BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _window_scan(ring_ptr, cursor_ptr, last_use_ptr, stamp_ptr, take_pos_ptr, w, totals_ptr, BLOCK: tl.constexpr):
+    """The window's takeable ring positions (`last_use < stamp`) compacted in window order, and their number."""
+    carry = tl.sum(tl.zeros((BLOCK,), dtype=tl.int32), 0)
+    cursor = tl.load(cursor_ptr)
+    stamp = tl.load(stamp_ptr)
+    for start in range(0, w, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < w
+        cand = tl.load(ring_ptr + cursor + offs, mask=m, other=0)
+        take = m & (tl.load(last_use_ptr + cand, mask=m, other=0, volatile=True) < stamp)
+        t = take.to(tl.int32)
+        rank = tl.cumsum(t, 0) + carry
+        tl.store(take_pos_ptr + rank - 1, offs, mask=take)
+        carry += tl.sum(t, 0)
+    tl.store(totals_ptr + 1, carry)
+
+
+@triton.jit
+def _assign(offs, pages_ptr, n, base, flag_ptr, rank_ptr, totals_ptr, take_pos_ptr, ring_ptr, cursor_ptr, owner_ptr,
+            last_use_ptr, resident_ptr, stamp_ptr, counts_ptr, miss_pages_ptr, miss_slots_ptr, BLOCK: tl.constexpr):
     m = offs < n
-    flag = tl.load(flag_ptr + offs, mask=m, other=0)
-    rank = tl.load(rank_ptr + offs, mask=m, other=0)
-    num_take = tl.load(totals_ptr + 1)
-    num_placed = tl.minimum(tl.load(totals_ptr), num_take)
+    flag = tl.load(flag_ptr + offs, mask=m, other=0, volatile=True)
+    rank = tl.load(rank_ptr + offs, mask=m, other=0, volatile=True)
+    num_take = tl.load(totals_ptr + 1, volatile=True)
+    num_placed = tl.minimum(tl.load(totals_ptr, volatile=True), num_take)
     rep = m & (flag > 0)
     placed = rep & (rank <= num_take)
     p = tl.load(pages_ptr + offs, mask=rep, other=-1).to(tl.int64)
     key = base + p
-    j = tl.load(take_pos_ptr + rank - 1, mask=placed, other=0)
+    j = tl.load(take_pos_ptr + rank - 1, mask=placed, other=0, volatile=True)
     victim = tl.load(ring_ptr + tl.load(cursor_ptr) + j, mask=placed, other=0)  # slot + 1
-    old = tl.load(owner_ptr + victim, mask=placed, other=0)
+    old = tl.load(owner_ptr + victim, mask=placed, other=0, volatile=True)
     evict = placed & (old > 0)
     tl.store(resident_ptr + old, tl.full((BLOCK,), -1, tl.int32), mask=evict)
     tl.atomic_add(counts_ptr + 2, tl.sum(evict.to(tl.int64), 0))
@@ -155,21 +163,86 @@ def _assign_kernel(pages_ptr, n, base, flag_ptr, rank_ptr, totals_ptr, take_pos_
 
 
 @triton.jit
+def _finish(offs, lead, pages_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, slots_ptr, totals_ptr,
+            take_pos_ptr, cursor_ptr, counts_ptr, num_slots, FIRST_HIT_CLEAR: tl.constexpr, BLOCK: tl.constexpr):
+    m, ok, real, p, key, fresh, claim = _entry(pages_ptr, pages_ptr, offs, n, base, num_pages, False)
+    s = tl.load(resident_ptr + key, mask=real, other=-1, volatile=True)
+    tl.store(slots_ptr + offs, s, mask=m)
+    tl.store(first_hit_ptr + s.to(tl.int64) + 1, tl.full((BLOCK,), FIRST_HIT_CLEAR, tl.int32), mask=real & (s >= 0))
+    if lead:
+        num_miss = tl.load(totals_ptr, volatile=True)
+        num_placed = tl.minimum(num_miss, tl.load(totals_ptr + 1, volatile=True))
+        tl.atomic_add(counts_ptr + 1, num_miss.to(tl.int64))
+        tl.atomic_add(counts_ptr + 4, (num_miss - num_placed).to(tl.int64))
+        last = tl.load(take_pos_ptr + num_placed - 1, mask=num_placed > 0, other=-1, volatile=True)
+        cursor = tl.load(cursor_ptr)
+        tl.store(cursor_ptr, (cursor + last + 1) % num_slots, mask=num_placed > 0)
+
+
+@triton.jit
+def _claim_kernel(pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, last_use_ptr, first_hit_ptr, stamp_ptr,
+                  counts_ptr, HAS_FRESH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _claim(offs, pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, last_use_ptr, first_hit_ptr, stamp_ptr,
+           counts_ptr, HAS_FRESH)
+
+
+@triton.jit
+def _flags_kernel(pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, flag_ptr, counts_ptr,
+                  HAS_FRESH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _flags(offs, pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, flag_ptr, counts_ptr,
+           HAS_FRESH)
+
+
+@triton.jit
+def _scan_kernel(flag_ptr, rank_ptr, n, ring_ptr, cursor_ptr, last_use_ptr, stamp_ptr, take_pos_ptr, w, totals_ptr,
+                 BLOCK: tl.constexpr):
+    """Program 0: ranks of the representatives; program 1: the window's takeable positions, compacted."""
+    if tl.program_id(0) == 0:
+        _rank_scan(flag_ptr, rank_ptr, n, totals_ptr, BLOCK)
+    else:
+        _window_scan(ring_ptr, cursor_ptr, last_use_ptr, stamp_ptr, take_pos_ptr, w, totals_ptr, BLOCK)
+
+
+@triton.jit
+def _assign_kernel(pages_ptr, n, base, flag_ptr, rank_ptr, totals_ptr, take_pos_ptr, ring_ptr, cursor_ptr,
+                   owner_ptr, last_use_ptr, resident_ptr, stamp_ptr, counts_ptr, miss_pages_ptr, miss_slots_ptr,
+                   BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _assign(offs, pages_ptr, n, base, flag_ptr, rank_ptr, totals_ptr, take_pos_ptr, ring_ptr, cursor_ptr, owner_ptr,
+            last_use_ptr, resident_ptr, stamp_ptr, counts_ptr, miss_pages_ptr, miss_slots_ptr, BLOCK)
+
+
+@triton.jit
 def _finish_kernel(pages_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, slots_ptr, totals_ptr, take_pos_ptr,
                    cursor_ptr, counts_ptr, num_slots, FIRST_HIT_CLEAR: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m, ok, real, p, key, fresh, claim = _entry(pages_ptr, pages_ptr, offs, n, base, num_pages, False)
-    s = tl.load(resident_ptr + key, mask=real, other=-1)
-    tl.store(slots_ptr + offs, s, mask=m)
-    tl.store(first_hit_ptr + s.to(tl.int64) + 1, tl.full((BLOCK,), FIRST_HIT_CLEAR, tl.int32), mask=real & (s >= 0))
-    if tl.program_id(0) == 0:
-        num_miss = tl.load(totals_ptr)
-        num_placed = tl.minimum(num_miss, tl.load(totals_ptr + 1))
-        tl.atomic_add(counts_ptr + 1, num_miss.to(tl.int64))
-        tl.atomic_add(counts_ptr + 4, (num_miss - num_placed).to(tl.int64))
-        last = tl.load(take_pos_ptr + num_placed - 1, mask=num_placed > 0, other=-1)
-        cursor = tl.load(cursor_ptr)
-        tl.store(cursor_ptr, (cursor + last + 1) % num_slots, mask=num_placed > 0)
+    _finish(offs, tl.program_id(0) == 0, pages_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, slots_ptr,
+            totals_ptr, take_pos_ptr, cursor_ptr, counts_ptr, num_slots, FIRST_HIT_CLEAR, BLOCK)
+
+
+@triton.jit
+def _fused_kernel(pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, owner_ptr, last_use_ptr, ring_ptr,
+                  cursor_ptr, stamp_ptr, counts_ptr, first_hit_ptr, flag_ptr, rank_ptr, take_pos_ptr, w, totals_ptr,
+                  slots_ptr, miss_pages_ptr, miss_slots_ptr, num_slots, HAS_FRESH: tl.constexpr,
+                  FIRST_HIT_CLEAR: tl.constexpr, BLOCK: tl.constexpr):
+    """All five phases in one program (n <= BLOCK), a barrier between phases."""
+    offs = tl.arange(0, BLOCK)
+    _claim(offs, pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, last_use_ptr, first_hit_ptr, stamp_ptr,
+           counts_ptr, HAS_FRESH)
+    tl.debug_barrier()
+    _flags(offs, pages_ptr, fresh_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, flag_ptr, counts_ptr,
+           HAS_FRESH)
+    tl.debug_barrier()
+    _rank_scan(flag_ptr, rank_ptr, n, totals_ptr, BLOCK)
+    _window_scan(ring_ptr, cursor_ptr, last_use_ptr, stamp_ptr, take_pos_ptr, w, totals_ptr, BLOCK)
+    tl.debug_barrier()
+    _assign(offs, pages_ptr, n, base, flag_ptr, rank_ptr, totals_ptr, take_pos_ptr, ring_ptr, cursor_ptr, owner_ptr,
+            last_use_ptr, resident_ptr, stamp_ptr, counts_ptr, miss_pages_ptr, miss_slots_ptr, BLOCK)
+    tl.debug_barrier()
+    _finish(offs, True, pages_ptr, n, base, num_pages, resident_ptr, first_hit_ptr, slots_ptr, totals_ptr,
+            take_pos_ptr, cursor_ptr, counts_ptr, num_slots, FIRST_HIT_CLEAR, BLOCK)
 
 
 def resolve_triton(state: ResolveState, base: int, pages: torch.Tensor, fresh: torch.Tensor | None,
@@ -186,6 +259,12 @@ def resolve_triton(state: ResolveState, base: int, pages: torch.Tensor, fresh: t
     has_fresh = fresh is not None
     fresh_arg = fresh if has_fresh else pages
     s = state
+    if n <= _BLOCK:
+        _fused_kernel[(1,)](pages, fresh_arg, n, base, s.num_pages, s.resident, s.owner, s.last_use, s.ring,
+                            s.cursor, s.stamp, s.counts, s.first_hit, flag, rank, take_pos, window_len, totals,
+                            slots, miss_pages, miss_slots, s.num_slots, HAS_FRESH=has_fresh,
+                            FIRST_HIT_CLEAR=FIRST_HIT_CLEAR, BLOCK=_BLOCK, num_warps=_FUSED_WARPS)
+        return slots, miss_pages, miss_slots
     grid = (triton.cdiv(n, _BLOCK),)
     _claim_kernel[grid](pages, fresh_arg, n, base, s.num_pages, s.resident, s.last_use, s.first_hit, s.stamp,
                         s.counts, HAS_FRESH=has_fresh, BLOCK=_BLOCK)

@@ -24,8 +24,10 @@ Optional fused outputs (so that the whole decode step needs no torch temporaries
 
 Triton kernel: one program per (request, KV head) that walks its request's own ``n`` pages in chunks (``P <=
 16384``; the cost follows the context, not ``P``, so a plan sized for the longest context costs nothing extra for
-short ones). The threshold score of rank ``num_select - |forced|`` is found by a 32-step bisection on an
-order-preserving int32 encoding of the fp32 scores; ties at the threshold are resolved by a running prefix sum
+short ones). The threshold score of rank ``num_select - |forced|`` is found by a ``RADIX``-way search on an
+order-preserving int32 encoding of the fp32 scores (``32 / log2(RADIX)`` rounds, each counting the pages at or
+above ``RADIX`` evenly spaced keys in one pass: 8 serial reductions instead of a bisection's 32, which bound the
+kernel's latency at small batch); ties at the threshold are resolved by a running prefix sum
 (lowest index first); the selected mask is compacted with a running prefix sum, so the output is ascending by
 construction (no sort).
 """
@@ -39,8 +41,10 @@ import triton.language as tl
 from .pages import pages_to_slots, resolve_backend
 
 MAX_SELECT_PAGES = 16384
-# Launch configuration: pages per chunk and warps (tuned by benchmarks/bench_sparse_decode.py --tune).
-SELECT_LAUNCH = {"chunk": 1024, "num_warps": 4}
+# Launch configuration: pages per chunk, keys counted per search round (2, 4 or 16: 32, 16 or 8 rounds) and warps
+# (tuned by benchmarks/bench_sparse_decode.py --tune).
+SELECT_LAUNCH = {"chunk": 1024, "radix": 16, "num_warps": 4}
+_RADIX_BITS = {2: 1, 4: 2, 16: 4}
 
 
 def _validate(scores, seq_lens, page_size, num_select, sink_pages, recent_pages, out, block_table, ppb,
@@ -127,11 +131,11 @@ def select_pages_torch(scores, seq_lens, *, page_size, num_select, sink_pages, r
 
 @triton.jit
 def _score_keys(row_ptr, idx, mask):
-    """int64 keys monotone in the fp32 scores at `row_ptr + idx` (NaN and masked-out entries count as -inf)."""
+    """int32 keys monotone in the fp32 scores at `row_ptr + idx` (NaN and masked-out entries count as -inf)."""
     s = tl.load(row_ptr + idx, mask=mask, other=float("-inf"))
     s = tl.where(s != s, float("-inf"), s)
     bits = s.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
@@ -139,7 +143,8 @@ def _select_pages_kernel(
     scores_ptr, seq_ptr, out_ptr, bt_ptr, slots_ptr, lens_ptr, cnt_ptr,
     stride_sb, stride_sh, stride_btb,
     n_pages, num_kv_heads, page_size, ppb, num_select, sink_pages, recent_pages,
-    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_SLOTS: tl.constexpr, COUNT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, RADIX: tl.constexpr, RADIX_BITS: tl.constexpr,
+    WRITE_SLOTS: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // num_kv_heads
@@ -154,23 +159,26 @@ def _select_pages_kernel(
     n_sink = tl.minimum(sink_pages, nf)
     recent_lo = tl.maximum(nf - recent_pages, 0)
     need = num_select - (n_sink + (nf - recent_lo) - tl.maximum(n_sink - recent_lo, 0) + partial.to(tl.int32))
-    # Largest threshold t with |{cand: key >= t}| >= need: bisection over the int32 key range with the invariant
-    # count(>= lo) >= need > count(>= hi); each step counts over the request's own pages only, CHUNK at a time
-    # (so the cost follows the context, not the planned maximum).
+    # Largest threshold t with |{cand: key >= t}| >= need: a RADIX-way search over the int32 key range [lo, lo +
+    # width) with the invariant count(>= lo) >= need > count(>= lo + width). Each round counts, in one pass over the
+    # request's own pages (CHUNK at a time, so the cost follows the context, not the planned maximum), the
+    # candidates at or above each of the RADIX keys lo + j * width / RADIX; the number k of those counts that reach
+    # `need` (k >= 1, as j = 0 is lo) narrows the range to [lo + (k - 1) * step, lo + k * step).
     lo = tl.zeros((), dtype=tl.int64) - 2147483648
-    hi = tl.zeros((), dtype=tl.int64) + 2147483648
+    jr = tl.arange(0, RADIX).to(tl.int64)
     if n > num_select:
-        for _ in range(32):
-            mid = lo + (hi - lo) // 2
-            cnt = tl.zeros((), dtype=tl.int32)
+        for r in range(32 // RADIX_BITS):
+            step_bits = 32 - RADIX_BITS * (r + 1)
+            marks = (lo + (jr << step_bits)).to(tl.int32)   # < 2**31: the top of the range is never a mark
+            cnt = tl.zeros([RADIX], dtype=tl.int32)
             for c0 in range(0, nf, CHUNK):
                 idx = c0 + ar
                 cand = (idx < nf) & (idx >= n_sink) & (idx < recent_lo)
                 key = _score_keys(row_s, idx, cand)
-                cnt += tl.sum((cand & (key >= mid)).to(tl.int32), axis=0)
-            ok = cnt >= need
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid)
+                cnt += tl.sum((cand[:, None] & (key[:, None] >= marks[None, :])).to(tl.int32), axis=0)
+            k = tl.sum((cnt >= need).to(tl.int64), axis=0)
+            lo = lo + ((k - 1) << step_bits)
+    lo = lo.to(tl.int32)
     # Pass over the pages: select, compact in ascending order, write slots and counters.
     row = pid.to(tl.int64) * num_select
     n_above = tl.zeros((), dtype=tl.int32)
@@ -233,6 +241,9 @@ def select_pages(scores, seq_lens, *, page_size, num_select, sink_pages, recent_
     if bsz == 0:
         return out
     chunk = min(triton.next_power_of_2(max(n_pages, 16)), SELECT_LAUNCH["chunk"])
+    radix = SELECT_LAUNCH["radix"]
+    if radix not in _RADIX_BITS:
+        raise ValueError(f"SELECT_LAUNCH['radix'] must be one of {sorted(_RADIX_BITS)}, got {radix!r}")
     write_slots = block_table is not None
     _select_pages_kernel[(bsz * hkv,)](
         scores, seq_lens, out,
@@ -240,7 +251,8 @@ def select_pages(scores, seq_lens, *, page_size, num_select, sink_pages, recent_
         lens_out if write_slots else out, counters if counters is not None else out,
         scores.stride(0), scores.stride(1), block_table.stride(0) if write_slots else 0,
         n_pages, hkv, page_size, ppb if write_slots else 1, num_select, sink_pages, recent_pages,
-        CHUNK=chunk, BLOCK_K=triton.next_power_of_2(num_select), WRITE_SLOTS=write_slots,
+        CHUNK=chunk, BLOCK_K=triton.next_power_of_2(num_select), RADIX=radix, RADIX_BITS=_RADIX_BITS[radix],
+        WRITE_SLOTS=write_slots,
         COUNT=counters is not None, num_warps=SELECT_LAUNCH["num_warps"],
     )
     return out

@@ -255,8 +255,9 @@ def test_cuda_write_new_and_resolve_do_not_sync():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_begin_step_does_not_wait_for_the_step_just_queued():
-    """A step start waits at most for the GPU to reach the previous step start (its snapshot), never for the work
-    queued since; a deferred error is raised one step late all the same."""
+    """A step start never waits for the work queued since the previous step start; a deferred error is raised once
+    the GPU has reached its snapshot, at the latest when `depth` (2) snapshots are in flight (one step start later),
+    which then waits for that snapshot only."""
     host = HostKVStore(LAYERS, BLOCKS, HKV, BS, D, torch.float16, pin=True)
     pool = torch.zeros((HKV * PPB + 1, PS, 2 * D), dtype=torch.float16, device="cuda")
     tier = OffloadTier(host=host, cache_pages=pool, page_size=PS, max_tokens=64)
@@ -269,12 +270,14 @@ def test_cuda_begin_step_does_not_wait_for_the_step_just_queued():
     torch.cuda._sleep(1_000_000_000)  # about half a second of GPU work: the rest of the step
     busy = torch.cuda.Event()
     busy.record()
-    tier.begin_step()  # snapshots the error
+    tier.begin_step()  # snapshots the error; the GPU is still in the step
     assert not busy.query(), "begin_step waited for the GPU work queued after the previous step start"
     torch.cuda._sleep(1_000_000_000)
     busy.record()
+    tier.begin_step()  # the snapshot with the error is not reached yet: no wait, no error yet
+    assert not busy.query(), "begin_step waited for a snapshot while fewer than `depth` were in flight"
     with pytest.raises(CacheCapacityError, match=f"{HKV * PPB} missing page"):
-        tier.begin_step()
+        tier.begin_step()  # two snapshots in flight: waits for the oldest, the one with the error
     assert not busy.query(), "begin_step waited for the GPU work queued after the previous step start"
     tier.check()
     tier.close()

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from sparseserve_vllm.core.page_cache import CacheCapacityError, PageCache
+from sparseserve_vllm.kernels import page_cache_resolve
 from tests.host_sync import allow_lagged_reads, forbid_host_sync
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the Triton backend can run on CPU tensors
@@ -229,7 +230,18 @@ TestPageCacheMachine = PageCacheMachine.TestCase
 
 
 class TritonPageCacheMachine(PageCacheMachine):
+    """The Triton path with 4-id blocks: calls of up to 4 ids run the fused one-program kernel, longer ones the five
+    launches over several blocks (chunked scans)."""
     backend = "triton"
+
+    @initialize(window=st.sampled_from([None, 2, 3, S + 2]))
+    def setup(self, window):
+        self._block = page_cache_resolve._BLOCK
+        page_cache_resolve._BLOCK = 4
+        super().setup(window)
+
+    def teardown(self):
+        page_cache_resolve._BLOCK = self._block
 
 
 TritonPageCacheMachine.TestCase.settings = settings(
@@ -391,8 +403,15 @@ def test_duplicates_counted_once_and_invalidate_frees(backend):
     assert cache.stats()["misses"] == 0 and cache.num_used_slots == 0 and cache.stamp == 0
 
 
+@pytest.fixture(params=[1024, 16], ids=["fused", "five-launches"])
+def resolve_block(request, monkeypatch):
+    """Ids per Triton block: calls of up to that many ids run the fused kernel, longer ones the five launches."""
+    monkeypatch.setattr(page_cache_resolve, "_BLOCK", request.param)
+    return request.param
+
+
 @both_backends
-def test_random_trace_matches_reference_at_scale(backend):
+def test_random_trace_matches_reference_at_scale(backend, resolve_block):
     rng = random.Random(0)
     layers, pages, slots = 4, 300, 96
     cache, ref = PageCache(layers, pages, slots, backend=backend), RefCache(layers, pages, slots)
@@ -485,7 +504,7 @@ def test_layer_scopes_replay_one_trace(backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu_without_syncs():
+def test_cuda_matches_cpu_without_syncs(resolve_block):
     rng = random.Random(1)
     cpu, gpu = PageCache(3, 500, 128), PageCache(3, 500, 128, device="cuda")
     for _ in range(40):
