@@ -154,7 +154,7 @@ def tune(a, q, kv_pages, meta, block_table, seq_lens, nf, scale, wrapper, out) -
                                         head_scores=wrapper._head_scores, out=wrapper._scores),
                     a.iters, a.graph_reps)
         for radix, nw in itertools.product((2, 4, 16), (1, 2, 4, 8, 16)):
-            page_topk.SELECT_LAUNCH.update(radix=radix, num_warps=nw)
+            page_topk.SELECT_LAUNCH.update(radix=radix, radix_one_wave=radix, num_warps=nw)
             res["select"][f"radix={radix},warps={nw}"], _ = time_cuda(
                 lambda: select_pages(wrapper._scores, seq_lens, page_size=page, num_select=wrapper.num_select,
                                      sink_pages=a.sink_pages, recent_pages=a.recent_pages, out=wrapper._page_idx,

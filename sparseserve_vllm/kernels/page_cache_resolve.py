@@ -21,9 +21,9 @@ The launches (N ids, W = window_len ring positions):
   4. assign  (N): the k-th representative takes the k-th takeable slot (evicting its key), or, past the takeable
                   slots, drops its claim (unplaced); `miss_pages`/`miss_slots` written in rank order, -1 after;
   5. finish  (N): every entry's slot read back, `first_hit` cleared, counters and the cursor advanced.
-Up to `_BLOCK` (1024) ids, as at small batch (a request's selection is `Hkv x budget / page_size` ids, a step's
-new tokens `Hkv` per request), one program runs the five phases in order, with a block-wide barrier between
-phases and the cache state loaded `volatile` (past L1, so what a phase wrote, atomics included, is what the next
+Up to 1024 ids, as at small batch (a request's selection is `Hkv x budget / page_size` ids, a step's
+new tokens `Hkv` per request), one program (of 32, 256 or 1024 lanes: `FUSED_LAUNCH`) runs the five phases in
+order, with a block-wide barrier between phases and the cache state loaded `volatile` (past L1, so what a phase wrote, atomics included, is what the next
 one reads): one launch instead of five, the same effect. Its window scan and rank scan run one after the other.
 Entries are int64 ids; ids outside `[-1, num_pages)` count as bad and act as padding.
 """
@@ -39,8 +39,11 @@ import triton.language as tl
 __all__ = ["FIRST_HIT_CLEAR", "ResolveState", "resolve_triton"]
 
 FIRST_HIT_CLEAR = torch.iinfo(torch.int32).max
-_BLOCK = 1024
-_FUSED_WARPS = 8
+_BLOCK = 1024  # ids per program of the five launches
+# The fused kernel's (block, warps) tiers, ascending: a call of n ids runs fused in the first block >= n (fewer
+# warps make its phase barriers and reductions cheaper), or in five launches past the last. Timed by
+# benchmarks/bench_resolve.py.
+FUSED_LAUNCH = ((32, 1), (256, 2), (1024, 8))
 
 
 @dataclass
@@ -259,11 +262,13 @@ def resolve_triton(state: ResolveState, base: int, pages: torch.Tensor, fresh: t
     has_fresh = fresh is not None
     fresh_arg = fresh if has_fresh else pages
     s = state
-    if n <= _BLOCK:
+    tier = next(((b, w) for b, w in FUSED_LAUNCH if n <= b), None)
+    if tier is not None:
+        block, warps = tier
         _fused_kernel[(1,)](pages, fresh_arg, n, base, s.num_pages, s.resident, s.owner, s.last_use, s.ring,
                             s.cursor, s.stamp, s.counts, s.first_hit, flag, rank, take_pos, window_len, totals,
                             slots, miss_pages, miss_slots, s.num_slots, HAS_FRESH=has_fresh,
-                            FIRST_HIT_CLEAR=FIRST_HIT_CLEAR, BLOCK=_BLOCK, num_warps=_FUSED_WARPS)
+                            FIRST_HIT_CLEAR=FIRST_HIT_CLEAR, BLOCK=block, num_warps=warps)
         return slots, miss_pages, miss_slots
     grid = (triton.cdiv(n, _BLOCK),)
     _claim_kernel[grid](pages, fresh_arg, n, base, s.num_pages, s.resident, s.last_use, s.first_hit, s.stamp,

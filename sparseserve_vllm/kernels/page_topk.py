@@ -34,6 +34,8 @@ construction (no sort).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -41,10 +43,18 @@ import triton.language as tl
 from .pages import pages_to_slots, resolve_backend
 
 MAX_SELECT_PAGES = 16384
-# Launch configuration: pages per chunk, keys counted per search round (2, 4 or 16: 32, 16 or 8 rounds) and warps
-# (tuned by benchmarks/bench_sparse_decode.py --tune).
-SELECT_LAUNCH = {"chunk": 1024, "radix": 16, "num_warps": 4}
+# Launch configuration: pages per chunk, keys counted per search round (2, 4 or 16: 32, 16 or 8 rounds) when the
+# grid fills the GPU and when it is at most one program per SM (latency-bound: fewer, wider rounds), and warps.
+# Tuned by benchmarks/bench_sparse_decode.py --tune (H200, 2026-11-30: 1 x 16K, 8 programs: radix 16 8.4 us, 4 9.3,
+# 2 13.7; 64 x 32K, 512 programs: radix 4 26.3 us, 2 33.7, 16 35.0; 4 warps best for each).
+SELECT_LAUNCH = {"chunk": 1024, "radix": 4, "radix_one_wave": 16, "num_warps": 4}
 _RADIX_BITS = {2: 1, 4: 2, 16: 4}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the interpreter on the CPU: an H200's 132)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def _validate(scores, seq_lens, page_size, num_select, sink_pages, recent_pages, out, block_table, ppb,
@@ -241,9 +251,10 @@ def select_pages(scores, seq_lens, *, page_size, num_select, sink_pages, recent_
     if bsz == 0:
         return out
     chunk = min(triton.next_power_of_2(max(n_pages, 16)), SELECT_LAUNCH["chunk"])
-    radix = SELECT_LAUNCH["radix"]
+    one_wave = bsz * hkv <= _num_sms(scores.device)
+    radix = SELECT_LAUNCH["radix_one_wave" if one_wave else "radix"]
     if radix not in _RADIX_BITS:
-        raise ValueError(f"SELECT_LAUNCH['radix'] must be one of {sorted(_RADIX_BITS)}, got {radix!r}")
+        raise ValueError(f"SELECT_LAUNCH radix values must be one of {sorted(_RADIX_BITS)}, got {radix!r}")
     write_slots = block_table is not None
     _select_pages_kernel[(bsz * hkv,)](
         scores, seq_lens, out,

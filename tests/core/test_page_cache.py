@@ -236,12 +236,12 @@ class TritonPageCacheMachine(PageCacheMachine):
 
     @initialize(window=st.sampled_from([None, 2, 3, S + 2]))
     def setup(self, window):
-        self._block = page_cache_resolve._BLOCK
-        page_cache_resolve._BLOCK = 4
+        self._launch = page_cache_resolve._BLOCK, page_cache_resolve.FUSED_LAUNCH
+        page_cache_resolve._BLOCK, page_cache_resolve.FUSED_LAUNCH = 4, ((4, 1),)
         super().setup(window)
 
     def teardown(self):
-        page_cache_resolve._BLOCK = self._block
+        page_cache_resolve._BLOCK, page_cache_resolve.FUSED_LAUNCH = self._launch
 
 
 TritonPageCacheMachine.TestCase.settings = settings(
@@ -403,27 +403,29 @@ def test_duplicates_counted_once_and_invalidate_frees(backend):
     assert cache.stats()["misses"] == 0 and cache.num_used_slots == 0 and cache.stamp == 0
 
 
-@pytest.fixture(params=[1024, 16], ids=["fused", "five-launches"])
-def resolve_block(request, monkeypatch):
-    """Ids per Triton block: calls of up to that many ids run the fused kernel, longer ones the five launches."""
-    monkeypatch.setattr(page_cache_resolve, "_BLOCK", request.param)
-    return request.param
+@pytest.fixture(params=["fused", "five-launches"])
+def resolve_launch(request, monkeypatch):
+    """The Triton resolve as it launches (fused up to 1024 ids), or always in five launches of 16-id blocks."""
+    if request.param == "five-launches":
+        monkeypatch.setattr(page_cache_resolve, "_BLOCK", 16)
+        monkeypatch.setattr(page_cache_resolve, "FUSED_LAUNCH", ())
 
 
 @both_backends
-def test_random_trace_matches_reference_at_scale(backend, resolve_block):
-    rng = random.Random(0)
-    layers, pages, slots = 4, 300, 96
+@pytest.mark.parametrize("k", [1, 10, 30], ids=["ids20", "ids200", "ids600"])  # the fused tiers: 32, 256, 1024
+def test_random_trace_matches_reference_at_scale(backend, resolve_launch, k):
+    rng = random.Random(k)
+    layers, pages, slots = 4, 300 * k, 96 * k
     cache, ref = PageCache(layers, pages, slots, backend=backend), RefCache(layers, pages, slots)
-    for _ in range(60):
+    for _ in range(60 // k + 4):
         cache.begin_step()
         ref.begin_step()
         for layer in range(layers):
             if layer:
                 cache.begin_layer()
                 ref.begin_layer()
-            base = rng.randrange(pages - 40)
-            sel = [base + rng.randrange(40) for _ in range(20)] + [-1] * rng.randrange(3)
+            base = rng.randrange(pages - 40 * k)
+            sel = [base + rng.randrange(40 * k) for _ in range(20 * k)] + [-1] * rng.randrange(3)
             assert [t.tolist() for t in cache.resolve(layer, _t(sel))] == list(ref.resolve(layer, sel))
         if rng.random() < 0.2:
             victim = [rng.randrange(pages) for _ in range(30)]
@@ -504,9 +506,12 @@ def test_layer_scopes_replay_one_trace(backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu_without_syncs(resolve_block):
+@pytest.mark.parametrize("size", [8, 40, 600], ids=["ids8", "ids40", "ids600"])  # each fused tier
+def test_cuda_matches_cpu_without_syncs(resolve_launch, size):
     rng = random.Random(1)
-    cpu, gpu = PageCache(3, 500, 128), PageCache(3, 500, 128, device="cuda")
+    pages = 500 if size < 500 else 5 * size
+    cpu, gpu = PageCache(3, pages, 128 * (1 + size // 128)), PageCache(3, pages, 128 * (1 + size // 128),
+                                                                       device="cuda")
     for _ in range(40):
         cpu.begin_step()
         gpu.begin_step()
@@ -514,7 +519,7 @@ def test_cuda_matches_cpu_without_syncs(resolve_block):
             if layer:
                 cpu.begin_layer()
                 gpu.begin_layer()
-            sel = [rng.randrange(-1, 500) for _ in range(40)]
+            sel = [rng.randrange(-1, pages) for _ in range(size)]
             a = cpu.resolve(layer, _t(sel))
             pages = _t(sel).cuda()
             torch.cuda.synchronize()

@@ -20,6 +20,13 @@ def select_chunk(request, monkeypatch):
     monkeypatch.setitem(page_topk.SELECT_LAUNCH, "chunk", chunk)  # (long rows: 256, or the interpreter takes minutes)
 
 
+@pytest.fixture(autouse=True, params=[16, 4, 2], ids=["radix16", "radix4", "radix2"])
+def select_radix(request, monkeypatch):
+    """Every test with each threshold search the kernel may launch (whatever the grid's size)."""
+    monkeypatch.setitem(page_topk.SELECT_LAUNCH, "radix", request.param)
+    monkeypatch.setitem(page_topk.SELECT_LAUNCH, "radix_one_wave", request.param)
+
+
 def _run(scores, seq, backend, **kw):
     out = torch.full((scores.shape[0], scores.shape[1], kw["num_select"]), POISON, dtype=torch.int32, device=DEVICE)
     select_pages(scores, seq, out=out, backend=backend, **kw)
