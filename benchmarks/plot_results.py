@@ -620,6 +620,59 @@ def plot_set10(results: Path, tag: str = "h200-2026-11-30") -> None:
     save(fig, results / f"set10-{tag}.png")
 
 
+def plot_set11(results: Path, tag: str = "h200-2026-11-30") -> None:
+    """Seventh set: the batch-1 decode step over four commits, batch control at 4 GiB, the resolve and select kernels."""
+    commits = ("before", "after", "5ef73cf", "24bef69")
+    prof = {k: load(results, f"offload-profile-{tag}-{k}.json") for k in commits}
+    bc = load(results, f"batch-control-{tag}-16x16k-4gib.json")
+    rs = load(results, f"resolve-{tag}.json")
+    sel = {b: load(results, f"sparse-decode-{tag}-{b}-tune.json") for b in ("b1-ctx16k", "b64-ctx32k")}
+    if None in (*prof.values(), bc, rs, *sel.values()):
+        return
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(22, 5.2))
+    labels = ["a53a7ec", "fd947f1", "5ef73cf", "24bef69"]
+    for i, (sysn, color) in enumerate((("sparse", "tab:blue"), ("offload", "tab:red"))):
+        vals = [prof[k]["runs"][sysn]["wall_ms_per_step"] for k in commits]
+        bars = ax1.bar([x + (i - 0.5) * 0.38 for x in range(4)], vals, 0.38, color=color, label=sysn)
+        label_bars(ax1, bars, "{:.2f}", 7)
+    ax1.axhline(5.56, color="k", lw=0.8, ls="--", label="dense FA3, vllm serve batch 1 (5.56 ms)")
+    ax1.set_xticks(range(4))
+    ax1.set_xticklabels(labels, fontsize=8)
+    ax1.set_ylabel("decode step, 1 x 16K (ms)")
+    ax1.legend(fontsize=8)
+    ax1.set_title("Batch-1 decode step (-O0, full decode graphs)", fontsize=9)
+    plot_batch_control(ax2, bc, "Batch control")
+    sizes = list(rs["sizes"])
+    for i, (case, color) in enumerate((("hits", "tab:green"), ("misses", "tab:orange"))):
+        five = [rs["sizes"][n][case]["us_per_call"]["five-launches"] for n in sizes]
+        fused = [rs["sizes"][n][case]["us_per_call"].get(rs["sizes"][n][case]["best_fused"] or "", float("nan"))
+                 for n in sizes]
+        x = [j + (i - 0.5) * 0.4 for j in range(len(sizes))]
+        bars = ax3.bar([v - 0.1 for v in x], five, 0.2, color=color, alpha=0.45, label=f"{case}: five launches")
+        label_bars(ax3, bars, "{:.1f}", 7)
+        bars = ax3.bar([v + 0.1 for v in x], fused, 0.2, color=color, label=f"{case}: fused (best tier)")
+        label_bars(ax3, bars, "{:.1f}", 7)
+    ax3.set_xticks(range(len(sizes)))
+    ax3.set_xticklabels([f"{n} ids" for n in sizes], fontsize=8)
+    ax3.set_ylabel("begin_layer + resolve, us per call (CUDA graph)")
+    ax3.legend(fontsize=7)
+    ax3.set_title("Page-cache resolve: one program vs five launches", fontsize=9)
+    for i, (b, color) in enumerate((("b1-ctx16k", "tab:blue"), ("b64-ctx32k", "tab:purple"))):
+        t = sel[b]["tuning"]["select"]
+        vals = [t[f"radix={r},warps=4"] for r in (2, 4, 16)]
+        bars = ax4.bar([j + (i - 0.5) * 0.38 for j in range(3)], vals, 0.38, color=color,
+                       label={"b1-ctx16k": "batch 1 x 16K (8 programs)", "b64-ctx32k": "batch 64 x 32K (512)"}[b])
+        label_bars(ax4, bars, "{:.1f}", 7)
+    ax4.set_xticks(range(3))
+    ax4.set_xticklabels(["radix 2\n(= bisection, 32 rounds)", "radix 4\n(16 rounds)", "radix 16\n(8 rounds)"],
+                        fontsize=8)
+    ax4.set_ylabel("select_pages, us per layer (4 warps)")
+    ax4.legend(fontsize=8)
+    ax4.set_title("Top-k threshold search", fontsize=9)
+    fig.suptitle("Seventh set, Llama-3.1-8B shape: NVIDIA H200, 2026-11-30 (04:38-05:33 UTC)", fontsize=10)
+    save(fig, results / f"set11-{tag}.png")
+
+
 PASSKEY_FILES = ("passkey-smollm2-cpu.json", "passkey-smollm2-cpu-gqa-max.json", "passkey-smollm2-cpu-gqa-mean-max.json",
                  "passkey-smollm2-cpu-mean-mass.json", "passkey-smollm2-cpu-gqa-mass.json")
 REDUCES = (("sum", "tab:blue"), ("max", "tab:orange"), ("mass", "tab:green"))
@@ -690,6 +743,7 @@ def main() -> None:
                    f"segmented-prefill-{tag}-set8.png", f"{a.machine} (GPU 0 of an x2 machine), {a.date}")
     plot_set9(results, tag, suffix)
     plot_set10(results)
+    plot_set11(results)
     plot_accuracy(results)
 
 

@@ -509,9 +509,8 @@ def test_layer_scopes_replay_one_trace(backend):
 @pytest.mark.parametrize("size", [8, 40, 600], ids=["ids8", "ids40", "ids600"])  # each fused tier
 def test_cuda_matches_cpu_without_syncs(resolve_launch, size):
     rng = random.Random(1)
-    pages = 500 if size < 500 else 5 * size
-    cpu, gpu = PageCache(3, pages, 128 * (1 + size // 128)), PageCache(3, pages, 128 * (1 + size // 128),
-                                                                       device="cuda")
+    num_pages, num_slots = (500 if size < 500 else 5 * size), 128 * (1 + size // 128)
+    cpu, gpu = PageCache(3, num_pages, num_slots), PageCache(3, num_pages, num_slots, device="cuda")
     for _ in range(40):
         cpu.begin_step()
         gpu.begin_step()
@@ -519,7 +518,7 @@ def test_cuda_matches_cpu_without_syncs(resolve_launch, size):
             if layer:
                 cpu.begin_layer()
                 gpu.begin_layer()
-            sel = [rng.randrange(-1, pages) for _ in range(size)]
+            sel = [rng.randrange(-1, num_pages) for _ in range(size)]
             a = cpu.resolve(layer, _t(sel))
             pages = _t(sel).cuda()
             torch.cuda.synchronize()
