@@ -21,7 +21,8 @@ Contract:
   ring, the side stream or any Python state that changes between calls, so a full CUDA graph can capture it:
   `flush()` (a no-op unless ring saves were committed since the last flush, so call `flush()` before capturing),
   then, on the caller's current stream, one op packs K and V (`torch.cat`, freshly allocated: in a graph, the
-  graph's pool) and the FlashD2H scatter kernel writes the rows into `host.kv` (CUDA and the CPU under
+  graph's pool) and the FlashD2H scatter kernel writes the rows into `host.kv` (and adds the tokens it wrote to
+  `save_inline(..., saved=c)`'s counter `c`) (CUDA and the CPU under
   `TRITON_INTERPRET=1`: the kernel, out-of-range slots skipped and counted for `wait_all`; a plain CPU:
   `flash_d2h_scatter_torch`, which synchronizes). `slot_mapping` must be on `device`. Ordered with ring saves
   both ways: it flushes first, and a later ring piece's side stream waits for the caller's stream.
@@ -186,8 +187,9 @@ class FlashD2HSaver:
             self._save_piece(layer, key[a:b], None if value is None else value[a:b], slot_mapping[a:b])
 
     def save_inline(self, layer: int, key: torch.Tensor, value: torch.Tensor | None,
-                    slot_mapping: torch.Tensor) -> None:
-        """Save the new tokens of `layer` on the current stream, CUDA-graph capturable (see the module docstring)."""
+                    slot_mapping: torch.Tensor, saved: torch.Tensor | None = None) -> None:
+        """Save the new tokens of `layer` on the current stream, CUDA-graph capturable (see the module docstring).
+        `saved` (an int64 one-element tensor on `device`): the tokens saved are added to it (by the kernel)."""
         t = self._check_save(layer, key, value, slot_mapping)
         if slot_mapping.device != self.device:
             raise ValueError(f"slot_mapping must be on {self.device} for save_inline, got {slot_mapping.device}")
@@ -195,8 +197,10 @@ class FlashD2HSaver:
         packed = key[:t].contiguous() if value is None else torch.cat((key[:t], value[:t]), dim=-1)
         if self._inline is None:  # the CPU without the Triton interpreter: index assignment (synchronous anyway)
             flash_d2h_scatter_torch(self.host.kv, packed, slot_mapping, layer)
+            if saved is not None:
+                saved += (slot_mapping >= 0).sum()
         else:
-            self._inline.run(packed, slot_mapping.contiguous(), layer)
+            self._inline.run(packed, slot_mapping.contiguous(), layer, saved=saved)
 
     def flush(self) -> None:
         """Make every save so far visible to work queued next on the current stream (uva: without blocking; a

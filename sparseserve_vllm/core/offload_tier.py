@@ -136,8 +136,7 @@ class OffloadTier:
         self._count_saved(slot_mapping)
 
     def save_inline(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        self.saver.save_inline(layer, key, value, slot_mapping)
-        self._count_saved(slot_mapping)
+        self.saver.save_inline(layer, key, value, slot_mapping, saved=self._tokens_d2h)  # the kernel counts
 
     def _count_saved(self, slot_mapping: torch.Tensor) -> None:
         self._tokens_d2h += (slot_mapping >= 0).sum().to(self.device)

@@ -11,7 +11,9 @@ Contract:
   layer within one launch (if one repeats, which row lands there is unspecified). Nothing else is written.
   Bytes are copied as they are. Rows with an out-of-range slot or layer are skipped and counted:
   `take_out_of_range()` returns the count of such tokens and resets it, in the order of the current stream (it
-  synchronizes that stream: call it on the stream of the launches).
+  synchronizes that stream: call it on the stream of the launches). `run(..., saved=c)` also adds the number of
+  tokens it wrote to `c` (an int64 tensor of one element on the device), on the device: a caller's byte counter
+  without ops of its own.
 - Mechanism: the GPU stores into host memory through unified virtual addressing: `host_kv.data_ptr()` is passed as
   an int64 and cast to a pointer in the kernel (a pinned allocation has the same address on host and device). It
   copies raw words (8 bytes when the row size and the store's base address allow, so each thread issues 16-byte
@@ -60,6 +62,7 @@ def _flash_d2h_scatter_kernel(
     slots_ptr,
     layers_ptr,  # per-row layers (PER_ROW_LAYER) or unused
     out_of_range_ptr,  # int64 [1]: tokens skipped for an out-of-range slot or layer
+    saved_ptr,  # int64 [1]: tokens written, added to (COUNT_SAVED)
     num_rows,
     layer,  # the layer of every row (not PER_ROW_LAYER)
     num_layers,
@@ -71,6 +74,7 @@ def _flash_d2h_scatter_kernel(
     TOKENS: tl.constexpr,  # tokens of one head per tile (a power of two)
     PER_ROW_LAYER: tl.constexpr,
     DST_ALIGNED: tl.constexpr,  # dst_addr % 16 == 0
+    COUNT_SAVED: tl.constexpr,
 ):
     dst_ptr = host_pointer(dst_addr, src_ptr, DST_ALIGNED)
     pid = tl.program_id(0)
@@ -94,6 +98,9 @@ def _flash_d2h_scatter_kernel(
         if (head == 0) & (num_bad > 0):  # count tokens, not (token, head) rows
             tl.atomic_add(out_of_range_ptr, num_bad)
         ok = (s >= 0) & ~bad
+        if COUNT_SAVED:
+            if head == 0:
+                tl.atomic_add(saved_ptr, tl.sum(ok.to(tl.int64), axis=0))
         block = s // BLOCK_SIZE
         dst_row = ((lay * num_blocks + block) * HKV + head) * BLOCK_SIZE + (s - block * BLOCK_SIZE)
         src_row = t.to(tl.int64) * HKV + head
@@ -193,10 +200,16 @@ class FlashD2HScatter(UvaCopy):
         self._finish_plan(word_bytes, device)
         return self
 
-    def run(self, src: torch.Tensor, slots: torch.Tensor, layer: int | torch.Tensor) -> None:
-        """Launch the scatter of `src[:len(slots)]` into the planned store; asynchronous on the current stream."""
+    def run(self, src: torch.Tensor, slots: torch.Tensor, layer: int | torch.Tensor,
+            saved: torch.Tensor | None = None) -> None:
+        """Launch the scatter of `src[:len(slots)]` into the planned store; asynchronous on the current stream.
+        `saved`: an int64 one-element tensor on the device that the kernel adds the tokens it wrote to."""
         self._require_plan("host_kv, device")
         t = _check_rows(src, slots, layer, self._host_kv, self._device)
+        if saved is not None and (not isinstance(saved, torch.Tensor) or saved.dtype != torch.int64
+                                  or saved.numel() != 1 or saved.device != self._device):
+            raise ValueError(f"saved must be None or an int64 tensor of one element on {self._device}, got "
+                             f"{saved!r:.80}")
         for name, x in (("src", src), ("slots", slots), ("layer", layer)):
             if isinstance(x, torch.Tensor) and not x.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
@@ -208,12 +221,13 @@ class FlashD2HScatter(UvaCopy):
         c = self._constexprs
         grid = (min(self._max_programs, triton.cdiv(t, c["TOKENS"]) * c["HKV"]),)
         args = (src.view(self._word_dtype), self._dst_addr, slots, layer if per_row else slots, self._out_of_range,
-                t, 0 if per_row else layer, *self._dims)
+                self._out_of_range if saved is None else saved, t, 0 if per_row else layer, *self._dims)
+        flags = dict(PER_ROW_LAYER=per_row, COUNT_SAVED=saved is not None, num_warps=self.num_warps)
         if self._device.type == "cuda":
             with torch.cuda.device(self._device):  # Triton launches on the current device
-                _flash_d2h_scatter_kernel[grid](*args, **c, PER_ROW_LAYER=per_row, num_warps=self.num_warps)
+                _flash_d2h_scatter_kernel[grid](*args, **c, **flags)
         else:
-            _flash_d2h_scatter_kernel[grid](*args, **c, PER_ROW_LAYER=per_row, num_warps=self.num_warps)
+            _flash_d2h_scatter_kernel[grid](*args, **c, **flags)
 
     def take_out_of_range(self) -> int:
         """Tokens skipped for an out-of-range slot or layer since the last call; resets the count. Synchronizes the

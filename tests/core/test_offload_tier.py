@@ -283,6 +283,20 @@ def test_cuda_begin_step_does_not_wait_for_the_step_just_queued():
     tier.close()
 
 
+def test_bytes_d2h_counts_the_tokens_saved_by_ring_and_inline_saves():
+    gen = torch.Generator().manual_seed(5)
+    tier = make_tier(num_slots=2 * HKV * PPB)
+    k = torch.randn(4, HKV, D, generator=gen)
+    sm = torch.tensor([5, -1, 9, 2 * BS + 1])  # -1: padding, not saved
+    tier.begin_step()
+    tier.save(0, k, k, sm)  # the ring (eager steps)
+    tier.save_inline(1, k, k, sm)  # on the stream (decode steps; on the CPU the scatter kernel counts)
+    tier.save_inline(0, k[:2], k[:2], sm[:2])  # a slot saved again counts again
+    tier.flush()
+    assert tier.stats()["bytes_d2h"] == (3 + 3 + 1) * tier.token_bytes
+    tier.close()
+
+
 def test_write_new_loads_only_pages_with_older_tokens():
     gen = torch.Generator().manual_seed(3)
     tier = make_tier(num_slots=HKV * PPB)

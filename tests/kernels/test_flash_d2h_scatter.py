@@ -101,9 +101,11 @@ def test_kernel_matches_float64_reference(case, num_sms, per_row_layer):
     for key, value in geometry.items():  # the case exercises the kernel path it is meant to
         assert op.geometry[key] == value, (key, op.geometry)
     layer_arg = layer_arg.to(DEVICE) if per_row_layer else layer_arg
-    op.run(src.to(DEVICE), slots.to(DEVICE, torch.int32 if num_sms == 3 else torch.int64), layer_arg)
+    saved = torch.full((1,), 1000, dtype=torch.int64, device=DEVICE)  # a running counter: the kernel adds to it
+    op.run(src.to(DEVICE), slots.to(DEVICE, torch.int32 if num_sms == 3 else torch.int64), layer_arg, saved=saved)
     assert op.take_out_of_range() == counted
     assert op.take_out_of_range() == 0  # reset
+    assert saved.item() == 1000 + int((slots >= 0).sum()) - counted  # the tokens written
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     assert torch.equal(store.double(), expected)
@@ -127,8 +129,10 @@ def test_kernel_random_shapes(t, heads, block_size, half_width, tile_bytes, seed
     src = torch.randn((t, heads, 2 * half_width), generator=gen).half()
     expected, _ = reference(store, src, slots, [1] * t)
     op = fs.FlashD2HScatter(num_sms=2, tile_bytes=tile_bytes).plan(store, DEVICE)
-    op.run(src.to(DEVICE), slots.to(DEVICE), 1)
+    saved = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    op.run(src.to(DEVICE), slots.to(DEVICE), 1, saved=saved)
     assert op.take_out_of_range() == 0
+    assert saved.item() == int((slots >= 0).sum())
     assert torch.equal(store.double(), expected)
 
 
@@ -193,6 +197,10 @@ def test_bad_arguments_name_the_argument():
         op.run(src, slots, torch.zeros(2, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="src must start"):
         op.run(torch.zeros(3 * 16 + 1, device=DEVICE)[1:].view(3, 2, 8), slots, 0)
+    with pytest.raises(ValueError, match="saved must be None or an int64 tensor of one element"):
+        op.run(src, slots, 0, saved=torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="saved must be None or an int64 tensor of one element"):
+        op.run(src, slots, 0, saved=torch.zeros(1, dtype=torch.int32, device=DEVICE))
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="slots must be on"):
             op.run(src, slots.cpu(), 0)
