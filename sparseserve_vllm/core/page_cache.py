@@ -46,8 +46,9 @@ Contract:
     `miss_slots`  int32: the slots they got, aligned with `miss_pages`, then -1.
   The caller copies `miss_pages` from host DRAM into `miss_slots` (FlashH2D skips the -1 pairs). `resolve`
   performs no host synchronization, no boolean-mask indexing and no `unique`/`nonzero`. Two implementations with
-  one behaviour, chosen by `backend`: `"triton"` (five kernel launches, `kernels/page_cache_resolve.py`; the
-  default on CUDA, and on the CPU under `TRITON_INTERPRET=1` when asked for) and `"torch"` (about forty tensor
+  one behaviour, chosen by `backend`: `"triton"` (one kernel launch per call, five beyond 1024 ids,
+  `kernels/page_cache_resolve.py`; the default on CUDA, and on the CPU under `TRITON_INTERPRET=1` when asked
+  for) and `"torch"` (about forty tensor
   operations: a sort of the N ids, then a scan of the window; the default elsewhere). It scans a W-slot window
   (W defaults to num_slots: then step 4 happens only when the cache truly cannot hold the misses without
   evicting a protected slot; a smaller `window` is cheaper but can leave pages unplaced earlier).

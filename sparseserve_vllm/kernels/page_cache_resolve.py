@@ -21,10 +21,11 @@ The launches (N ids, W = window_len ring positions):
   4. assign  (N): the k-th representative takes the k-th takeable slot (evicting its key), or, past the takeable
                   slots, drops its claim (unplaced); `miss_pages`/`miss_slots` written in rank order, -1 after;
   5. finish  (N): every entry's slot read back, `first_hit` cleared, counters and the cursor advanced.
-Up to 1024 ids, as at small batch (a request's selection is `Hkv x budget / page_size` ids, a step's
-new tokens `Hkv` per request), one program (of 32 to 1024 lanes: `FUSED_LAUNCH`) runs the five phases in
-order, with a block-wide barrier between phases and the cache state loaded `volatile` (past L1, so what a phase wrote, atomics included, is what the next
-one reads): one launch instead of five, the same effect. Its window scan and rank scan run one after the other.
+Up to 1024 ids, as at small batch (a request's selection is `Hkv x budget / page_size` ids, a step's new tokens
+`Hkv` per request), one program (of 32 to 1024 lanes: `FUSED_LAUNCH`) runs the five phases in order, with a
+block-wide barrier between phases and the cache state loaded `volatile` (past L1, so what a phase wrote, atomics
+included, is what the next one reads): one launch instead of five, the same effect. Its window scan and rank scan
+run one after the other.
 Entries are int64 ids; ids outside `[-1, num_pages)` count as bad and act as padding.
 """
 
