@@ -17,15 +17,16 @@ Contract:
   Slot ids must be unique within one save (vLLM's are); between saves the later save of a slot wins.
   `save` is host-side work, not capturable in a CUDA graph: call it where the forward runs eagerly (vLLM's
   piecewise CUDA graphs leave the attention layer, which calls it, outside the graphs).
-- `save_inline(layer, key, value, slot_mapping)`: the same effect, for the few tokens of a decode step, without the
-  ring, the side stream or any Python state that changes between calls, so a full CUDA graph can capture it:
+- `save_inline(layer, key, value, slot_mapping, saved=None)`: the same effect, for the few tokens of a decode step,
+  without the ring, the side stream or any Python state that changes between calls, so a full CUDA graph can
+  capture it:
   `flush()` (a no-op unless ring saves were committed since the last flush, so call `flush()` before capturing),
   then, on the caller's current stream, one op packs K and V (`torch.cat`, freshly allocated: in a graph, the
-  graph's pool) and the FlashD2H scatter kernel writes the rows into `host.kv` (and adds the tokens it wrote to
-  `save_inline(..., saved=c)`'s counter `c`) (CUDA and the CPU under
+  graph's pool) and the FlashD2H scatter kernel writes the rows into `host.kv` (CUDA and the CPU under
   `TRITON_INTERPRET=1`: the kernel, out-of-range slots skipped and counted for `wait_all`; a plain CPU:
-  `flash_d2h_scatter_torch`, which synchronizes). `slot_mapping` must be on `device`. Ordered with ring saves
-  both ways: it flushes first, and a later ring piece's side stream waits for the caller's stream.
+  `flash_d2h_scatter_torch`, which synchronizes). `slot_mapping` must be on `device`. `saved=c` (an int64
+  one-element tensor on `device`): the tokens saved are added to `c` on the device, by the kernel itself. Ordered
+  with ring saves both ways: it flushes first, and a later ring piece's side stream waits for the caller's stream.
 - Mechanism. Each save (or part) takes the next n rows of a staging ring:
   1. On the caller's (compute) stream, ONE op packs its tokens into the ring `[n, Hkv, 2D]` (`torch.cat` of K
      and V, or a copy of packed KV), one copies the slot ids (uva: and one fills the rows' layer). This consumes
