@@ -48,10 +48,10 @@ Contract:
   performs no host synchronization, no boolean-mask indexing and no `unique`/`nonzero`. Two implementations with
   one behaviour, chosen by `backend`: `"triton"` (one kernel launch per call, five beyond 1024 ids,
   `kernels/page_cache_resolve.py`; the default on CUDA, and on the CPU under `TRITON_INTERPRET=1` when asked
-  for) and `"torch"` (about forty tensor
-  operations: a sort of the N ids, then a scan of the window; the default elsewhere). It scans a W-slot window
-  (W defaults to num_slots: then step 4 happens only when the cache truly cannot hold the misses without
-  evicting a protected slot; a smaller `window` is cheaper but can leave pages unplaced earlier).
+  for) and `"torch"` (about forty tensor operations: a sort of the N ids, then a scan of the window; the default
+  elsewhere). It scans a W-slot window (W defaults to num_slots: then step 4 happens only when the cache truly
+  cannot hold the misses without evicting a protected slot; a smaller `window` is cheaper but can leave pages
+  unplaced earlier).
   The scan itself stops early without changing any result: a scope protects at most as many slots as the ids its
   resolves were given (each distinct id touches or takes one slot), so the first `min(W, ids of the scope so far
   including this call)` window positions always hold a takeable slot for every miss of this call, and the misses
