@@ -18,7 +18,9 @@ Per system, in order:
   trace   for each `--rates` value, `--num-prompts` requests of a long-context mix like LongBench's, reproducible
           from `--seed`: `vllm bench serve`'s random dataset with inputs uniform in [4.1K, 127.9K] tokens and outputs
           uniform in [64, 512] (range ratios 0.938 / 0.778 around `--input-len` 66,000 / `--output-len` 288),
-          Poisson arrivals at that rate.
+          Poisson arrivals at that rate. The i-th rate's requests come from seed `--seed` + i: the same trace for
+          every system, new prompts for each rate (a system that keeps KV across requests, native offload's CPU
+          cache, would otherwise serve a later rate's prompts from the earlier rate's KV).
 Raw `vllm bench serve` JSON (per request: ttfts, itls) lands in `--out`; `<system>.json` holds per rate mean/p99
 TTFT, mean/p99 TPOT, mean/p99 ITL, output tokens/s and the exact commands. `summarize_e2e.py` turns them into
 ratios, goodput and plots.
@@ -89,11 +91,11 @@ def run_system(system: str, gpus: str, tp: int, args, model: str, vllm: str, out
                 "--seed", str(args.seed)])
             print(json.dumps({tag: {"batch1": summary["runs"]["batch1"]}}), flush=True)
             (out / f"{tag}.json").write_text(json.dumps(summary, indent=1))  # progress survives a kill
-            for rate in args.rates.split(","):
+            for i, rate in enumerate(args.rates.split(",")):
                 summary["runs"][f"rate-{rate}"] = bench(vllm, server.url, model, out, f"{tag}-rate{rate}.json", [
                     "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
                     "--random-range-ratio", '{"input": 0.938, "output": 0.778}', "--num-prompts",
-                    str(args.num_prompts), "--request-rate", rate, "--seed", str(args.seed)])
+                    str(args.num_prompts), "--request-rate", rate, "--seed", str(args.seed + i)])
                 print(json.dumps({tag: {rate: summary["runs"][f"rate-{rate}"]}}), flush=True)
                 (out / f"{tag}.json").write_text(json.dumps(summary, indent=1))
     except Exception as e:  # keep the other systems' numbers

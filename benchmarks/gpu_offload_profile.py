@@ -10,7 +10,8 @@ prefix caching, no tokenizer, token-id prompts of a seeded RNG, greedy:
            24 GiB for a configs/ model: the cache holds every page the requests select, so once a request's pages
            are in, its decode steps load nothing; `counters_*` show the hits and misses).
 In each: `--batch` prompts of `--context` tokens, prefilled in one step each (`max_num_batched_tokens` = context +
-16, so no layer-segmented prefill); a warm-up generate of `--warmup` tokens; the unprofiled wall time per decode
+16, so no layer-segmented prefill; `--chunk`, `--max-model-len` and `--max-num-seqs` set what `vllm serve` in
+`e2e_serve.py` uses instead: 8192, 131072, 64); a warm-up generate of `--warmup` tokens; the unprofiled wall time per decode
 step, (time of a generate of `--steps` tokens - time of a generate of 1 token) / (steps - 1), as
 gpu_offload_graphs.py measures it, with SparseServe's counters over both generates (`counters_timed`: HBM hits,
 misses, bytes each way); then one generate of `--steps` tokens under vLLM's torch profiler (`profiler_config`,
@@ -102,7 +103,7 @@ def profile_systems(args, model, out):
         # A tiny model (a CPU dry run): a small KV pool, and reserve little memory (on the CPU build
         # gpu_memory_utilization is the share of the host's memory the worker takes).
         small = {"kv_cache_memory_bytes": 512 << 20, "gpu_memory_utilization": 0.3} if args.model_path else {}
-        return {**small, "max_num_seqs": max(args.batch, 8),
+        return {**small, "max_num_seqs": args.max_num_seqs or max(args.batch, 8),
                 "profiler_config": {"profiler": "torch", "torch_profiler_dir": d,
                                     "torch_profiler_with_stack": not args.no_stack, "torch_profiler_use_gzip": True,
                                     "torch_profiler_dump_cuda_time_total": False}}
@@ -143,12 +144,15 @@ def profile_systems(args, model, out):
         return run
 
     offload = {"offload": True, "host_kv_gib": args.host_kv_gib, "hbm_cache_gib": args.hbm_cache_gib}
-    chunk = args.context + 16  # one prompt's prefill in one step
+    chunk = args.chunk or args.context + 16  # by default one prompt's prefill in one step
     systems = [("sparse", {}, chunk), ("offload", offload, chunk)]  # make_llm adds token_budget, stats_interval_s 0
-    res = {k: getattr(args, k) for k in ("batch", "context", "steps", "warmup", "skip", "host_kv_gib", "hbm_cache_gib")}
-    res.update(model=model, with_stack=not args.no_stack, token_budget=2048, runs={})
+    max_model_len = args.max_model_len or args.context + max(args.steps, args.warmup) + 64
+    res = {k: getattr(args, k) for k in ("batch", "context", "steps", "warmup", "skip", "host_kv_gib", "hbm_cache_gib",
+                                         "max_num_seqs")}
+    res.update(model=model, with_stack=not args.no_stack, token_budget=2048, max_model_len=max_model_len,
+               max_num_batched_tokens=chunk, runs={})
     try:
-        run_systems(model, systems, args.context + max(args.steps, args.warmup) + 64, body, res, out, engine_kw)
+        run_systems(model, systems, max_model_len, body, res, out, engine_kw)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     compare(res)
@@ -188,6 +192,10 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=1, help="decode steps of the profiled generate left uncounted")
     ap.add_argument("--host-kv-gib", type=float, help="offload: host KV store (default 48, 0.05 with --model-path)")
     ap.add_argument("--hbm-cache-gib", type=float, help="offload: HBM page cache (default 24, 0.01 with --model-path)")
+    ap.add_argument("--max-model-len", type=int, help="default: --context + the steps + 64 (e2e_serve.py's: 131072)")
+    ap.add_argument("--max-num-seqs", type=int, help="default: max(--batch, 8) (e2e_serve.py's: 64)")
+    ap.add_argument("--chunk", type=int, help="max_num_batched_tokens; default --context + 16, one prefill step "
+                    "(vllm serve's default 8192 prefills a longer prompt layer-segmented)")
     ap.add_argument("--keep-traces", action="store_true", help="keep the raw traces in <out>_traces/")
     ap.add_argument("--no-stack", action="store_true",
                     help="no Python stacks in the trace (less host overhead; no plugin_python, no sync_sites)")

@@ -23,6 +23,7 @@ vLLM has no other per-step channel from the scheduler to an attention backend; S
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from sparseserve_vllm import stats
 from sparseserve_vllm.adapter.config_access import segmented_prefill_on
 from sparseserve_vllm.adapter.segmented_prefill import SegmentedPrefill, SegmentJobSpec
+
+
+PUBLISH_INTERVAL_S = 0.1  # the scheduler's gauges, written at most this often while steps run (see publish_usage)
 
 
 @dataclass
@@ -67,6 +71,7 @@ class SparseServeConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         self._freed: list[int] = []
         self._block_pool = None
+        self._published: tuple[dict[str, int], float] = ({}, -float("inf"))  # values and time of the last write
         self._step = 0
         self._ws_reports: list[SparseServeWorkerMetadata] = []
         self.counters = stats.process_counters()
@@ -136,13 +141,20 @@ class SparseServeConnector(KVConnectorBase_V1):
         self.publish_usage()
         return meta
 
-    def publish_usage(self) -> None:
-        """Publish the host blocks in use (the scheduler also calls it when a step leaves nothing running)."""
+    def publish_usage(self, *, force: bool = False) -> None:
+        """Publish the host blocks in use with the scheduler's other gauges: a file write, so while steps run only
+        when a value changed and at most every `PUBLISH_INTERVAL_S`; with `force` (the scheduler, when a step leaves
+        nothing running) whenever a value changed."""
         if self._block_pool is not None:
             pool = self._block_pool
             used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # block 0 is vLLM's null block
-            self.counters.values["host_blocks_in_use"] = max(used, 0)
-            stats.publish(self.counters)
+            values = self.counters.values
+            values["host_blocks_in_use"] = max(used, 0)
+            last, at = self._published
+            now = time.monotonic()
+            if values != last and (force or now - at >= PUBLISH_INTERVAL_S):
+                stats.publish(self.counters)
+                self._published = (dict(values), now)
 
     def update_connector_output(self, connector_output) -> None:
         meta = connector_output.kv_connector_worker_meta

@@ -296,7 +296,7 @@ class WorkingSetScheduler(Scheduler):
             # Idle: no step will publish again until the next request; the gauges describe no batch now, and the
             # blocks of requests that ended in this output (a finished layer-segmented prefill's) are free.
             self._counters.values["batch_cap"] = self._counters.values["working_set_bytes"] = 0
-            self.connector.publish_usage()
+            self.connector.publish_usage(force=True)
         return outputs
 
     def _preempt_request(self, request, timestamp: float) -> None:

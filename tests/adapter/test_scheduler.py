@@ -2,6 +2,7 @@
 
 - `plan_step`, the scheduler's decision, on hand-made candidates;
 - `WorkingSetScheduler(...)` picks the async variant; offload selects it and refuses another `--scheduler-cls`;
+- the scheduler's gauges are written at most every `PUBLISH_INTERVAL_S` while steps run, at once when it idles;
 - the workers' reports aggregate by summing (disjoint KV heads); `StepOwners` credits a report to the requests that
   held its blocks in the step it describes (with the runtime's late report: `test_runtime.py`);
 - end to end on real vLLM (CPU build, tiny llama): an HBM cache that holds fewer decode working sets than there are
@@ -146,6 +147,36 @@ def test_step_owners_credit_a_report_through_the_step_it_describes():
         owners.note(step, {4: f"r{step}"})
     assert owners.credit(8, {4: 1}) == {}  # only the last 3 steps are kept
     assert owners.credit(10, {4: 1}) == {"r10": 1}
+
+
+def test_the_scheduler_gauges_are_written_at_most_every_interval_and_at_once_when_forced(tiny_model, monkeypatch):
+    """`publish_usage` (every step) writes the statistics file only when a value changed, and while steps run at
+    most every `PUBLISH_INTERVAL_S`; `force` (the scheduler going idle) writes a change at once."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.core.block_pool import BlockPool
+
+    from sparseserve_vllm.adapter import connector
+
+    conn = connector.SparseServeConnector(_offload_config(tiny_model()), KVConnectorRole.SCHEDULER)
+    pool = BlockPool(num_gpu_blocks=10, enable_caching=False, hash_block_size=16)
+    conn.bind_gpu_block_pool(pool)
+    written = []
+    monkeypatch.setattr(connector.stats, "publish", lambda counters: written.append(counters.values["host_blocks_in_use"]))
+    monkeypatch.setattr(connector, "PUBLISH_INTERVAL_S", 1e9)
+    conn.publish_usage()
+    assert written == [0]  # the first call writes
+    blocks = pool.get_new_blocks(3)
+    conn.publish_usage()
+    assert written == [0]  # changed, but within the interval
+    monkeypatch.setattr(connector, "PUBLISH_INTERVAL_S", 0.0)
+    conn.publish_usage()
+    assert written == [0, 3]  # the interval passed
+    conn.publish_usage(force=True)
+    assert written == [0, 3]  # nothing changed
+    monkeypatch.setattr(connector, "PUBLISH_INTERVAL_S", 1e9)
+    pool.free_blocks(blocks)
+    conn.publish_usage(force=True)
+    assert written == [0, 3, 0]  # forced: at once
 
 
 # ---------------- end to end ----------------

@@ -69,10 +69,10 @@ def hold_back(monkeypatch, mode, should_wait):
         run = FlashD2HScatter.run
         launches = itertools.count()
 
-        def delayed(self, src, slots, layer):
+        def delayed(self, src, slots, layer, saved=None):
             if should_wait(next(launches)):
                 torch.cuda._sleep(int(1e7 * (1 + rng.random())))  # on the current (side) stream
-            run(self, src, slots, layer)
+            run(self, src, slots, layer, saved=saved)
 
         monkeypatch.setattr(FlashD2HScatter, "run", delayed)
 
