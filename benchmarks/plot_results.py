@@ -673,6 +673,81 @@ def plot_set11(results: Path, tag: str = "h200-2026-11-30") -> None:
     save(fig, results / f"set11-{tag}.png")
 
 
+def plot_set12(results: Path, tag: str = "h200x2-2026-11-30") -> None:
+    """Eighth set: the four systems end to end, batch-1 decode (serving vs offline), saturation and Qwen, prefill."""
+    def runs(folder):
+        d = load(results / folder, "summary.json")
+        return None if d is None else {k: v["runs"] for k, v in d["systems"].items()}
+
+    main, sat, qw = (runs(f"e2e-serve-{n}{tag}") for n in ("", "sat24-", "qwen-"))
+    prof = load(results, f"offload-profile-{tag}-c563416.json")
+    seg = load(results, f"segmented-prefill-{tag}-c563416.json")
+    if None in (main, sat, qw, prof, seg) or not (results / f"e2e-serve-batch1-{tag}").is_dir():
+        return
+    systems = ("dense", "native-offload", "sparse", "sparseserve")
+    colors = {"dense": "tab:gray", "native-offload": "tab:brown", "sparse": "tab:blue", "sparseserve": "tab:red"}
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(23, 5.4))
+    for i, s in enumerate(systems):
+        vals = [main[s]["rate-inf"]["output_throughput"], main[s]["rate-0.25"]["output_throughput"]]
+        bars = ax1.bar([x + (i - 1.5) * 0.2 for x in range(2)], vals, 0.2, color=colors[s], label=s,
+                       hatch="//" if s == "native-offload" else None)
+        label_bars(ax1, bars, "{:.1f}", 7)
+    ax1.set_xticks(range(2))
+    ax1.set_xticklabels(["rate inf (8 requests)", "rate 0.25/s (8 requests)\nnative offload: repeated prompts"],
+                        fontsize=8)
+    ax1.set_ylabel("output tokens/s")
+    ax1.legend(fontsize=8)
+    ax1.set_title("Llama-3.1-8B, inputs 4K-128K, outputs 64-512", fontsize=9)
+    labels, vals, cols = [], [], []
+    for name, r, sysns in (("8 req run", main, systems), ("Qwen2.5-7B", qw, ("dense", "sparseserve")),
+                           ("24 req run", sat, ("dense", "sparseserve"))):
+        for s in sysns:
+            labels.append(f"{s}\n{name}")
+            vals.append(r[s]["batch1"]["mean_tpot_ms"])
+            cols.append(colors[s])
+    b1d = load(results / f"e2e-serve-batch1-{tag}", "dense-batch1.json")
+    b1s = load(results / f"e2e-serve-batch1-{tag}", "sparseserve-batch1.json")
+    for s, r in (("dense", b1d), ("sparseserve", b1s)):
+        labels.append(f"{s}\nthrottled publish")
+        vals.append(r["mean_tpot_ms"])
+        cols.append(colors[s])
+    for s, key in (("sparse", "sparse"), ("sparseserve", "offload")):
+        labels.append(f"{s}\noffline LLM")
+        vals.append(prof["runs"][key]["wall_ms_per_step"])
+        cols.append(colors[s])
+    bars = ax2.bar(range(len(vals)), vals, 0.7, color=cols)
+    label_bars(ax2, bars, "{:.2f}", 7)
+    ax2.set_xticks(range(len(vals)))
+    ax2.set_xticklabels(labels, fontsize=6, rotation=60)
+    ax2.set_ylabel("batch-1 decode, ms per token (1 x 16K in)")
+    ax2.set_title("Single-request decode: vllm serve (mean TPOT) vs offline step", fontsize=9)
+    groups = (("24 requests, rate inf\n(Llama)", sat), ("8 requests, rate inf\n(Qwen2.5-7B)", qw))
+    for i, s in enumerate(("dense", "sparseserve")):
+        vals = [g[s]["rate-inf"]["output_throughput"] for _, g in groups]
+        bars = ax3.bar([x + (i - 0.5) * 0.38 for x in range(2)], vals, 0.38, color=colors[s], label=s)
+        label_bars(ax3, bars, "{:.1f}", 8)
+    ax3.set_xticks(range(2))
+    ax3.set_xticklabels([g for g, _ in groups], fontsize=8)
+    ax3.set_ylabel("output tokens/s")
+    ax3.legend(fontsize=8)
+    ax3.set_title("More requests; the second model", fontsize=9)
+    engines = ("plain", "chunked", "segmented", "offload-chunked")
+    for i, (key, name) in enumerate((("mid_s", "32K prompt"), ("long_s", "128K prompt"))):
+        vals = [seg["runs"][e][key] / seg["runs"]["plain"][key] for e in engines]
+        bars = ax4.bar([x + (i - 0.5) * 0.38 for x in range(len(engines))], vals, 0.38,
+                       color=("tab:green", "tab:olive")[i], label=name)
+        label_bars(ax4, bars, "{:.3f}", 7)
+    ax4.axhline(1.05, color="k", lw=0.8, ls="--", label="goal for offload on: 1.05x")
+    ax4.set_xticks(range(len(engines)))
+    ax4.set_xticklabels(engines, fontsize=8)
+    ax4.set_ylabel("time to first token / plain")
+    ax4.legend(fontsize=8)
+    ax4.set_title("Prefill alone (GPU 1, beside the profile on GPU 0)", fontsize=9)
+    fig.suptitle("Eighth set, NVIDIA H200 x2 (one lane per GPU), 2026-11-30 (06:45-07:22 UTC), commit c563416",
+                 fontsize=10)
+    save(fig, results / f"set12-{tag}.png", bottom=0.12)
+
+
 PASSKEY_FILES = ("passkey-smollm2-cpu.json", "passkey-smollm2-cpu-gqa-max.json", "passkey-smollm2-cpu-gqa-mean-max.json",
                  "passkey-smollm2-cpu-mean-mass.json", "passkey-smollm2-cpu-gqa-mass.json")
 REDUCES = (("sum", "tab:blue"), ("max", "tab:orange"), ("mass", "tab:green"))
@@ -744,6 +819,7 @@ def main() -> None:
     plot_set9(results, tag, suffix)
     plot_set10(results)
     plot_set11(results)
+    plot_set12(results)
     plot_accuracy(results)
 
 
