@@ -36,18 +36,12 @@ def rank_union_scores(q, meta, block_table, num_full_pages, *, selector, page_si
                                   head_scores=head_scores, out=out)
     out = page_scores._validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out,
                                 gqa_reduce)
-    bsz, hq, d = q.shape
-    pm, valid = page_scores._gather_page_metadata(meta, block_table, num_full_pages, batch=bsz,
-                                                  num_kv_heads=num_kv_heads, ppb=ppb, num_pages=out.shape[2])
-    a, b = page_scores._query_vectors(q.float().view(bsz, num_kv_heads, hq // num_kv_heads, d), selector)
-    s = torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], a)
-    if b is not None:
-        s = s + torch.einsum("bhpd,bhgd->bhgp", pm[..., 1, :], b)
-    s = torch.where(valid.unsqueeze(2), s, float("-inf"))                           # [B, Hkv, G, P]
+    s = page_scores.head_page_scores(q, meta, block_table, num_full_pages, selector=selector, ppb=ppb,
+                                     num_kv_heads=num_kv_heads, num_pages=out.shape[2])   # [B, Hkv, G, P]
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1]).expand_as(order))
     score = -rank.min(2).values.float() + 1e-3 * torch.tanh(1e-3 * s.amax(2))      # best rank; ties: raw score
-    return out.copy_(torch.where(valid, score, float("-inf")))
+    return out.copy_(torch.where(s.amax(2) > float("-inf"), score, float("-inf")))
 
 
 if __name__ == "__main__":

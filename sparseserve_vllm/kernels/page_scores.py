@@ -2,7 +2,7 @@
 
 ``score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, gqa_reduce="sum",
 scale=None, head_scores=None, out=None, backend="auto")`` and its reference/CPU path ``score_pages_torch`` (same
-arguments, no ``backend``).
+arguments, no ``backend``), built on ``head_page_scores`` (torch: every query head's ``s_g(p)`` below, unreduced).
 
 Inputs
   * ``q``: ``[B, Hq, D]`` bf16/fp16/fp32, last dim contiguous. Query heads ``h*G .. h*G+G-1`` (``G = Hq // Hkv``)
@@ -141,20 +141,28 @@ def score_pages_torch(q, meta, block_table, num_full_pages, *, selector, page_si
     """Pure-torch page scores (CPU path and reference semantics); see module docstring."""
     out = _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, num_kv_heads, out, gqa_reduce,
                     scale, head_scores)
+    s = head_page_scores(q, meta, block_table, num_full_pages, selector=selector, ppb=ppb,
+                         num_kv_heads=num_kv_heads, num_pages=out.shape[2], fold=gqa_reduce == "sum")
+    if gqa_reduce == "mass":
+        return _combine_mass((s * scale).flatten(1, 2), num_kv_heads, out)
+    return out.copy_(s.amax(2) if gqa_reduce == "max" else s.squeeze(2))
+
+
+def head_page_scores(q, meta, block_table, num_full_pages, *, selector, ppb, num_kv_heads, num_pages,
+                     fold=False) -> torch.Tensor:
+    """Torch: each query head's score of every page, ``[B, Hkv, G, P]`` fp32, -inf on pages that are not full;
+    `fold`: the group's heads summed first (``[B, Hkv, 1, P]``, the `sum` reduction: one D-vector per metadata
+    row). Arguments as `score_pages_torch`'s, unchecked."""
     bsz, hq, d = q.shape
-    hkv = num_kv_heads
-    pm, valid = _gather_page_metadata(meta, block_table, num_full_pages, batch=bsz, num_kv_heads=hkv, ppb=ppb,
-                                     num_pages=out.shape[2])
-    a, b = _query_vectors(q.float().view(bsz, hkv, hq // hkv, d), selector)   # [B, Hkv, G, D]
-    if gqa_reduce == "sum":   # fold the group first: one D-vector per metadata row
+    pm, valid = _gather_page_metadata(meta, block_table, num_full_pages, batch=bsz, num_kv_heads=num_kv_heads,
+                                      ppb=ppb, num_pages=num_pages)
+    a, b = _query_vectors(q.float().view(bsz, num_kv_heads, hq // num_kv_heads, d), selector)   # [B, Hkv, G, D]
+    if fold:
         a, b = a.sum(2, keepdim=True), (None if b is None else b.sum(2, keepdim=True))
     s = torch.einsum("bhpd,bhgd->bhgp", pm[..., 0, :], a)
     if b is not None:
         s = s + torch.einsum("bhpd,bhgd->bhgp", pm[..., 1, :], b)
-    s = torch.where(valid.unsqueeze(2), s, float("-inf"))                           # [B, Hkv, G or 1, P]
-    if gqa_reduce == "mass":
-        return _combine_mass((s * scale).flatten(1, 2), hkv, out)
-    return out.copy_(s.amax(2) if gqa_reduce == "max" else s.squeeze(2))
+    return torch.where(valid.unsqueeze(2), s, float("-inf"))
 
 
 @triton.jit
