@@ -748,6 +748,62 @@ def plot_set12(results: Path, tag: str = "h200x2-2026-11-30") -> None:
     save(fig, results / f"set12-{tag}.png", bottom=0.12)
 
 
+def plot_set13(results: Path, tag: str = "h200x2-2026-11-30") -> None:
+    """Ninth set: the batch-1 step under the served engine's settings, and layer-segmented prefill vs plain."""
+    served = load(results, f"offload-profile-{tag}-served-settings.json")
+    default = load(results, f"offload-profile-{tag}-c563416.json")
+    runs = [("A: chunk 8192\nnormal priority", "chunk8192"), ("B: chunk 32768\nnormal priority", "chunk32768"),
+            ("C: priority, 16 SMs\nbeside a profile", "priority"),
+            ("D: priority, 16 SMs\nGPU 0, beside D 8 SMs", "priority-sms16-beside"),
+            ("D: priority, 8 SMs\nGPU 1, beside D 16 SMs", "priority-sms8-beside"),
+            ("E: priority, 16 SMs\nalone", "priority-sms16-alone"), ("E: priority, 8 SMs\nalone", "priority-sms8-alone")]
+    segs = [load(results, f"segmented-prefill-{tag}-{name}.json") for _, name in runs]
+    if served is None or default is None or None in segs:
+        return
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(20, 5.6))
+    labels = ["sparse\noffline, defaults", "offload\noffline, defaults", "sparse\noffline, served settings",
+              "offload\noffline, served settings"]
+    vals = [default["runs"]["sparse"]["wall_ms_per_step"], default["runs"]["offload"]["wall_ms_per_step"],
+            served["runs"]["sparse"]["wall_ms_per_step"], served["runs"]["offload"]["wall_ms_per_step"]]
+    bars = ax1.bar(range(4), vals, 0.7, color=["tab:blue", "tab:red"] * 2)
+    label_bars(ax1, bars, "{:.2f}", 8)
+    ax1.set_xticks(range(4))
+    ax1.set_xticklabels(labels, fontsize=7)
+    ax1.set_ylabel("ms per decode step (unprofiled), 1 x 16K")
+    ax1.set_title("Batch-1 step, offline LLM; served settings: chunk 8192,\nmax_model_len 131072, max_num_seqs 64",
+                  fontsize=9)
+    cats = ("other", "sparseserve:flash_h2d", "sparseserve:flash_d2h_scatter")
+    for i, (name, d) in enumerate((("defaults (c563416)", default), ("served settings", served))):
+        per = {k: d["runs"]["offload"]["trace"]["categories"].get(k, {}).get("ms", 0.0)
+               - d["runs"]["sparse"]["trace"]["categories"].get(k, {}).get("ms", 0.0) for k in cats}
+        bars = ax2.bar([x + (i - 0.5) * 0.38 for x in range(len(cats))], [per[k] for k in cats], 0.38,
+                       color=("tab:gray", "tab:red")[i], label=name)
+        label_bars(ax2, bars, "{:.3f}", 8)
+    ax2.set_xticks(range(len(cats)))
+    ax2.set_xticklabels([c.replace("sparseserve:", "") for c in cats], fontsize=8)
+    ax2.set_ylabel("GPU ms per step, offload minus sparse (profiled)")
+    ax2.legend(fontsize=8)
+    ax2.set_title("Where the offload step's extra GPU time goes", fontsize=9)
+    for i, (key, name) in enumerate((("mid_s", "32K prompt"), ("long_s", "long prompt (128K in A, 64K after)"))):
+        vals = [d["runs"]["segmented"][key] / d["runs"]["plain"][key] for d in segs]
+        bars = ax3.bar([x + (i - 0.5) * 0.38 for x in range(len(segs))], vals, 0.38,
+                       color=("tab:green", "tab:olive")[i], label=name)
+        label_bars(ax3, bars, "{:.3f}", 7)
+        for bar, v in zip(bars, vals):
+            if v > 1.15:  # off the axis: its value at the top
+                ax3.text(bar.get_x() + bar.get_width() / 2, 1.14, f"{v:.3f}", ha="center", va="top", fontsize=7)
+    ax3.axhline(1.05, color="k", lw=0.8, ls="--", label="goal: 1.05x")
+    ax3.set_ylim(0.9, 1.15)
+    ax3.set_xticks(range(len(segs)))
+    ax3.set_xticklabels([n for n, _ in runs], fontsize=6, rotation=30)
+    ax3.set_ylabel("layer-segmented (offload) TTFT / plain TTFT")
+    ax3.legend(fontsize=8)
+    ax3.set_title("Prefill with offload vs without: FlashD2H stream priority and SMs", fontsize=9)
+    fig.suptitle("Ninth set, NVIDIA H200 x2, 2026-11-30 (10:14-10:37 UTC), commit a6d1db3 + the FlashD2H change",
+                 fontsize=10)
+    save(fig, results / f"set13-{tag}.png", bottom=0.14)
+
+
 PASSKEY_FILES = ("passkey-smollm2-cpu.json", "passkey-smollm2-cpu-gqa-max.json", "passkey-smollm2-cpu-gqa-mean-max.json",
                  "passkey-smollm2-cpu-mean-mass.json", "passkey-smollm2-cpu-gqa-mass.json")
 REDUCES = (("sum", "tab:blue"), ("max", "tab:orange"), ("mass", "tab:green"))
@@ -820,6 +876,7 @@ def main() -> None:
     plot_set10(results)
     plot_set11(results)
     plot_set12(results)
+    plot_set13(results)
     plot_accuracy(results)
 
 

@@ -2,11 +2,12 @@
 
 Contract:
 - `FlashD2HSaver(host, max_tokens, num_threads=4, *, staging_tokens=2*max_tokens, device=None, mode=None,
-  num_sms=16, tile_bytes=16384)` saves into `host.kv` (a `HostKVStore`). `device`: where the new KV lives (default: the current
+  num_sms=8, tile_bytes=16384)` saves into `host.kv` (a `HostKVStore`). `device`: where the new KV lives (default: the current
   CUDA device when the store is pinned, else the CPU). `mode`: "uva" (the default on a CUDA device, which it
   needs) or "staged" (the default and only mode on the CPU). `max_tokens`: the most tokens staged as one part (a
   larger save is cut into parts). `staging_tokens` (>= max_tokens): the staging ring's rows. `num_threads`:
-  staged mode's scatter threads; `num_sms`: uva mode's scatter programs (the SMs it may take from compute);
+  staged mode's scatter threads; `num_sms`: uva mode's scatter programs (the SMs it may take from compute; 8
+  move as many GB/s as 16 and slow a layer-segmented prefill less: benchmarks/results/README.md, 13b);
   `tile_bytes`: uva mode's bytes per scatter tile (`kernels.FlashD2HScatter`).
 - `save(layer, key, value, slot_mapping)`: `slot_mapping` is 1-D int32/int64 `[T]` of LOGICAL slot ids
   `block * block_size + offset` (`-1` = padding, skipped), on `device` or on the CPU. `key`, `value` are
@@ -33,8 +34,8 @@ Contract:
      the caller's tensors in stream order, so their memory (a CUDA-graph pool, the caching allocator) may be
      reused right after `save` returns.
   2. Consecutive saves are committed as one *piece* (a contiguous run of ring rows) once they reach 4 MiB, when
-     a layer repeats (a new step began), when the ring wraps, or at `flush()`. A side CUDA stream waits for the
-     packing ops, then
+     a layer repeats (a new step began), when the ring wraps, or at `flush()`. A side CUDA stream (of the highest
+     priority) waits for the packing ops, then
      uva: launches the FlashD2H scatter kernel (`kernels.flash_d2h_scatter`, at most `num_sms` programs): the
        GPU writes the piece's rows straight into `host.kv` through UVA; an event marks the piece done.
      staged: copies the piece's rows and slot ids into a pinned host copy of the ring (two contiguous D2H
@@ -79,6 +80,7 @@ MODES = ("uva", "staged")
 _MIN_TASK_BYTES = 1 << 20
 _CPU = torch.device("cpu")
 _COMMIT_BYTES = 4 << 20
+_HIGHEST_PRIORITY = -100  # torch maps a priority beyond the device's range to its highest
 
 
 class _Piece:
@@ -103,7 +105,7 @@ class FlashD2HSaver:
         staging_tokens: int | None = None,
         device: torch.device | str | None = None,
         mode: str | None = None,
-        num_sms: int = 16,
+        num_sms: int = 8,
         tile_bytes: int = 16384,
     ):
         if not isinstance(host, HostKVStore):
@@ -143,7 +145,9 @@ class FlashD2HSaver:
         if device.type == "cuda":
             self._dev_kv = torch.empty((staging_tokens, h, d2), dtype=host.dtype, device=device)
             self._dev_slots = torch.empty((staging_tokens,), dtype=torch.int64, device=device)
-            self._stream = torch.cuda.Stream(device)
+            # The highest priority: the scatter is PCIe-bound on at most `num_sms` programs, and at normal
+            # priority its programs wait behind compute kernels that fill the SMs instead of running beside them.
+            self._stream = torch.cuda.Stream(device, priority=_HIGHEST_PRIORITY)
         else:
             self._stream = None
         if mode == "uva":
