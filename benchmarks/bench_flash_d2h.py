@@ -13,8 +13,9 @@ blocks in order. Keys and values are random device tensors [T, 8, 128], distinct
 Measured, as GB/s of new KV bytes (32 * T * 4 KiB per step), end to end until the data is in the host store's
 page layout (wall clock from the first save to the return of wait_all(), the GPU idle otherwise):
   (a) FlashD2HSaver in staged mode for every thread count in --threads (`flash_d2h`) and in uva mode for every
-      program count in --sms (`flash_d2h_uva`), parts of --max-tokens, a ring of --staging-tokens; also the
-      time the caller spends inside save() calls;
+      program count in --sms (`flash_d2h_uva`), parts of --max-tokens (default: the largest --tokens, so one part
+      per layer save, as the plugin stages a layer-segmented save), a ring of --staging-tokens (default: two
+      parts); also the time the caller spends inside save() calls;
   (b) the memcpy baseline: the new tokens already sit in an HBM cache in the HND layout (as vLLM writes them)
       and every contiguous fragment of them in that layout (one page of one head for prefill, one token of one
       head for decode) is copied with its own `copy_(non_blocking=True)`; run on --frag-layers layers to bound
@@ -138,8 +139,8 @@ def main() -> int:
     p.add_argument("--threads", default="4,8,16", help="staged mode: scatter thread counts")
     p.add_argument("--sms", default="8,16,32", help="uva mode: scatter program counts (num_sms)")
     p.add_argument("--tile-kib", default="16", help="uva mode: scatter tile sizes in KiB (tile_bytes)")
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--staging-tokens", type=int, default=65536)
+    p.add_argument("--max-tokens", type=int, help="tokens staged as one piece (default: the largest --tokens)")
+    p.add_argument("--staging-tokens", type=int, help="the staging ring's rows (default: 2 x --max-tokens)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--frag-layers", type=int, default=2)
     p.add_argument("--mm-per-layer", type=int, default=3)
@@ -151,6 +152,8 @@ def main() -> int:
         return 2
     gen = torch.Generator().manual_seed(args.seed)
     token_list = [int(x) for x in args.tokens.split(",")]
+    args.max_tokens = args.max_tokens or max(token_list)
+    args.staging_tokens = args.staging_tokens or 2 * args.max_tokens
     thread_list = [int(x) for x in args.threads.split(",")]
     sms_list = [int(x) for x in args.sms.split(",")]
     tile_list = [int(x) * 1024 for x in args.tile_kib.split(",")]
