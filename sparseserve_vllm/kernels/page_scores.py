@@ -35,7 +35,8 @@ head, two passes over the pages: each head's log-sum-exp online, then the log of
 
 The Triton kernel runs one program per (request, block of ``BLOCK_P`` logical pages) covering ALL KV heads, so
 with the shared layout it reads each vLLM block's metadata (``Hkv * ppb`` consecutive slots) as one contiguous
-chunk, and every metadata row exactly once. It never synchronises with the host and allocates nothing when
+chunk, and every metadata row exactly once. A block past the request's full pages (the grid is sized for the longest context
+the plan allows) only writes ``-inf``, so the kernel's cost follows the batch's contexts. It never synchronises with the host and allocates nothing when
 ``out`` (and, for ``"mass"``, ``head_scores``) is given.
 """
 
@@ -177,25 +178,12 @@ def _query_weights(qe, first, SELECTOR: tl.constexpr):
 
 
 @triton.jit
-def _score_pages_kernel(
-    q_ptr, meta_ptr, bt_ptr, nf_ptr, out_ptr, head_ptr,
-    stride_qb, stride_qh, stride_mn, stride_mm, stride_btb, stride_ob, stride_oh, stride_hb, stride_hh,
-    n_pages, ppb, scale,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M: tl.constexpr, SELECTOR: tl.constexpr,
-    REDUCE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_MD: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    b = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    hh = tl.arange(0, BLOCK_H)
-    j = tl.arange(0, BLOCK_MD)
-    hmask = hh < HKV
-    jmask = j < M * D
-    which = j // D
-    col = j % D
-
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    nf = tl.load(nf_ptr + b)
+def _score_page_block(q_ptr, meta_ptr, bt_ptr, out_ptr, head_ptr, stride_qb, stride_qh, stride_mn, stride_mm,
+                      stride_btb, stride_ob, stride_oh, stride_hb, stride_hh, n_pages, ppb, scale, b, p, nf,
+                      hh, hmask, j, jmask, which, col, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                      M: tl.constexpr, SELECTOR: tl.constexpr, REDUCE: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Scores of the block of pages `p` of request `b`, which holds at least one full page."""
     valid = (p < nf) & (p < n_pages)
     blk = tl.load(bt_ptr + b * stride_btb + p // ppb, mask=valid, other=0).to(tl.int64)
     slot = (blk[:, None] * HKV + hh[None, :]) * ppb + (p % ppb)[:, None]            # [P, H]
@@ -230,6 +218,43 @@ def _score_pages_kernel(
         s = tl.where(valid[:, None], s, float("-inf"))
         tl.store(out_ptr + b * stride_ob + hh[None, :] * stride_oh + p[:, None], s,
                  mask=(p < n_pages)[:, None] & hmask[None, :])
+
+
+@triton.jit
+def _score_pages_kernel(
+    q_ptr, meta_ptr, bt_ptr, nf_ptr, out_ptr, head_ptr,
+    stride_qb, stride_qh, stride_mn, stride_mm, stride_btb, stride_ob, stride_oh, stride_hb, stride_hh,
+    n_pages, ppb, scale,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M: tl.constexpr, SELECTOR: tl.constexpr,
+    REDUCE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_MD: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    hh = tl.arange(0, BLOCK_H)
+    j = tl.arange(0, BLOCK_MD)
+    hmask = hh < HKV
+    jmask = j < M * D
+    which = j // D
+    col = j % D
+
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    nf = tl.load(nf_ptr + b)
+    if pid_p * BLOCK_P >= nf:
+        # No full page in this block (a plan sized for the longest context, a shorter request): -inf, nothing read.
+        dead = tl.full((BLOCK_P, BLOCK_H), float("-inf"), tl.float32)
+        if REDUCE == 2:
+            for gi in tl.static_range(G):
+                tl.store(head_ptr + b * stride_hb + (hh[None, :] * G + gi) * stride_hh + p[:, None], dead,
+                         mask=(p < n_pages)[:, None] & hmask[None, :])
+        else:
+            tl.store(out_ptr + b * stride_ob + hh[None, :] * stride_oh + p[:, None], dead,
+                     mask=(p < n_pages)[:, None] & hmask[None, :])
+    else:
+        _score_page_block(q_ptr, meta_ptr, bt_ptr, out_ptr, head_ptr, stride_qb, stride_qh, stride_mn, stride_mm,
+                          stride_btb, stride_ob, stride_oh, stride_hb, stride_hh, n_pages, ppb, scale, b, p, nf,
+                          hh, hmask, j, jmask, which, col, HKV, G, D, M, SELECTOR, REDUCE, BLOCK_P, BLOCK_H,
+                          BLOCK_G)
 
 
 @triton.jit

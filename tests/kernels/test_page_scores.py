@@ -17,6 +17,7 @@ CASES = [
     (1, 4, 2, 64, 64, 1, 80, "cuboid_mean", torch.float32),   # > 64 pages: several page blocks
     (2, 6, 3, 96, 16, 2, 7, "quest", torch.float32),          # Hkv and D not powers of two
     (1, 16, 2, 64, 16, 1, 1100, "mean", torch.float32),       # G 8: mass combines 1100 pages in 3 chunks of 512
+    (4, 8, 2, 64, 16, 1, 700, "quest", torch.float32),        # a wide table, short requests: blocks without full pages
 ]
 
 
@@ -31,6 +32,8 @@ def test_scores_match_float64_reference(case, backend, gqa_reduce):
     n_pages = max_blocks * ppb
     seq = torch.randint(0, n_pages * page + 1, (bsz,), generator=gen)
     seq[0] = n_pages * page                                   # one request fills its whole table
+    if bsz > 3:
+        seq[1:] = torch.tensor([0, 15, 100 * page + 3])[: bsz - 1]  # no full page, none, 100 of 700
     num_full = (seq // page).to(torch.int32).to(DEVICE)
     # Block-table entries past the full pages are garbage that must never be read.
     blocks_used = (num_full.cpu() + ppb - 1) // ppb
