@@ -805,8 +805,12 @@ def plot_set13(results: Path, tag: str = "h200x2-2026-11-30") -> None:
 
 
 PASSKEY_FILES = ("passkey-smollm2-cpu.json", "passkey-smollm2-cpu-gqa-max.json", "passkey-smollm2-cpu-gqa-mean-max.json",
-                 "passkey-smollm2-cpu-mean-mass.json", "passkey-smollm2-cpu-gqa-mass.json")
-REDUCES = (("sum", "tab:blue"), ("max", "tab:orange"), ("mass", "tab:green"))
+                 "passkey-smollm2-cpu-mean-mass.json", "passkey-smollm2-cpu-gqa-mass.json",
+                 "passkey-smollm2-cpu-gqa-zmax.json")
+# 40 placements, quest at budget 2048: (label, file); the rank union is an experiment outside the product
+PASSKEY_40 = (("sum", "passkey-smollm2-cpu-quest-40.json"), ("rank union\n(experiment)",
+              "passkey-smollm2-cpu-quest-40-rank-union.json"), ("zmax", "passkey-smollm2-cpu-quest-40-zmax.json"))
+REDUCES = (("sum", "tab:blue"), ("max", "tab:orange"), ("mass", "tab:green"), ("zmax", "tab:purple"))
 
 
 def plot_accuracy(results: Path) -> None:
@@ -825,17 +829,30 @@ def plot_accuracy(results: Path) -> None:
             red = r.get("gqa_reduce", "sum")
             hits[sel, int(budget), red if isinstance(red, str) else red[sel]] = round(acc * r["placements"])
     groups = [(sel, b) for sel in ("cuboid_mean", "quest", "mean") for b in (1024, 2048)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5))
-    width = 0.26
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(21, 5), gridspec_kw={"width_ratios": [3, 3, 1.2]})
+    width = 0.2
     for i, (red, color) in enumerate(REDUCES):
-        xs = [x + (i - 1) * width for x in range(len(groups))]
+        xs = [x + (i - 1.5) * width for x in range(len(groups))]
         vals = [hits.get((sel, b, red)) for sel, b in groups]
         bars = ax1.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], width,
                        color=color, label=red)
-        label_bars(ax1, bars, "{:.0f}", 8)
+        label_bars(ax1, bars, "{:.0f}", 7)
         e = err["relative_l2_error"]
         bars = ax2.bar(xs, [e[f"{sel}@{b}/{red}"]["mean"] for sel, b in groups], width, color=color, label=red)
-        label_bars(ax2, bars, "{:.3f}", 7)
+        label_bars(ax2, bars, "{:.3f}", 6)
+    forty = [(name, load(results, f)) for name, f in PASSKEY_40]
+    forty = [(name, r) for name, r in forty if r is not None]
+    if forty:
+        n = forty[0][1]["placements"]
+        names = ["dense"] + [name for name, _ in forty]
+        vals = [round(forty[0][1]["accuracy"]["dense"] * n)] + [round(r["accuracy"]["quest@2048"] * n) for _, r in forty]
+        bars = ax3.bar(range(len(vals)), vals, 0.6, color=["k", "tab:blue", "tab:gray", "tab:purple"][: len(vals)])
+        label_bars(ax3, bars, "{:.0f}", 8)
+        ax3.set_xticks(range(len(vals)))
+        ax3.set_xticklabels(names, fontsize=7)
+        ax3.set_ylim(0, n + 4)
+        ax3.set_ylabel(f"pass key found (of {n} placements)")
+        ax3.set_title(f"quest, budget 2048, {n} placements", fontsize=9)
     for d in sorted(dense):
         ax1.axhline(d, color="k", lw=0.8, ls="--", label=f"dense ({d})")
     for ax in (ax1, ax2):
@@ -848,8 +865,8 @@ def plot_accuracy(results: Path) -> None:
     ax2.set_ylim(0, 0.125)
     ax2.set_ylabel("attention-output relative L2 error (mean)")
     ax2.set_title("Sparse vs dense decode attention, last query of each layer", fontsize=9)
-    fig.suptitle("SmolLM2-135M-Instruct on a CPU (page 32, sink 2 + recent 2 pages): defaults sum for cuboid_mean "
-                 "and quest, mass for mean", fontsize=10)
+    fig.suptitle("SmolLM2-135M-Instruct on a CPU (page 32, sink 2 + recent 2 pages): defaults sum for cuboid_mean, "
+                 "zmax for quest, mass for mean", fontsize=10)
     save(fig, results / "accuracy-smollm2-cpu.png")
 
 

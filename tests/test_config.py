@@ -16,7 +16,7 @@ def test_defaults_and_absent_key():
 
 def test_gqa_reduce_defaults_per_selector_unless_set():
     assert parse().resolved_gqa_reduce == "sum"
-    assert parse(selector="quest").resolved_gqa_reduce == "sum"
+    assert parse(selector="quest").resolved_gqa_reduce == "zmax"
     assert parse(selector="mean").resolved_gqa_reduce == "mass"
     assert parse(selector="mean", gqa_reduce="sum").resolved_gqa_reduce == "sum"
     assert parse(selector="quest", gqa_reduce="max").resolved_gqa_reduce == "max"
@@ -40,7 +40,7 @@ def test_all_keys_accepted():
         ({"page_size": 512}, ["page_size", "power of two"]),
         ({"page_size": 4}, ["page_size"]),
         ({"selector": "topk"}, ["selector", "cuboid_mean", "quest", "mean"]),
-        ({"gqa_reduce": "mean"}, ["gqa_reduce", "sum, max, mass", "null"]),
+        ({"gqa_reduce": "mean"}, ["gqa_reduce", "sum, max, mass, zmax", "null"]),
         ({"gqa_reduce": 1}, ["gqa_reduce", "str or null"]),
         ({"sink_pages": -1}, ["sink_pages", ">= 0"]),
         ({"recent_pages": -2}, ["recent_pages", ">= 0"]),

@@ -6,8 +6,9 @@ gqa_reduce="sum")``
   * ``num_select = token_budget // page_size`` pages are attended per (request, KV head); ``ValueError`` if
     ``sink_pages + recent_pages + 1 > num_select``.
   * ``backend``: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton for a CUDA ``device``, torch otherwise).
-  * ``gqa_reduce``: ``"sum"``, ``"max"`` or ``"mass"``, how a KV head's query heads combine page scores
-    (``score_pages``; ``"mass"`` uses ``run``'s ``scale`` and a per-head score buffer from ``plan``).
+  * ``gqa_reduce``: ``"sum"``, ``"max"``, ``"mass"`` or ``"zmax"``, how a KV head's query heads combine page scores
+    (``score_pages``; ``"mass"`` uses ``run``'s ``scale``; ``"mass"`` and ``"zmax"`` a per-head score buffer from
+    ``plan``).
 
 ``plan(batch_size, max_pages, num_splits=None)`` (host side, once per batch shape) allocates every intermediate
 buffer (num_full_pages, scores ``[B, Hkv, max_pages]`` f32, page indices / slots / page lengths
@@ -100,7 +101,7 @@ class SparseDecodeWrapper:
         self._nfull = torch.zeros(batch_size, dtype=torch.int32, device=dev)
         self._scores = torch.empty((batch_size, hkv, max_pages), dtype=torch.float32, device=dev)
         self._head_scores = (torch.empty((batch_size, self.num_qo_heads, max_pages), dtype=torch.float32, device=dev)
-                             if self.gqa_reduce == "mass" else None)
+                             if self.gqa_reduce in ("mass", "zmax") else None)
         self._page_idx = torch.full((batch_size, hkv, k), -1, dtype=torch.int32, device=dev)
         self._slots = torch.zeros((batch_size, hkv, k), dtype=torch.int32, device=dev)
         self._lens = torch.zeros((batch_size, hkv, k), dtype=torch.int32, device=dev)

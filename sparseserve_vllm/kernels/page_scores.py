@@ -11,10 +11,11 @@ Inputs
     ``M`` = 2 for ``quest`` (``[0]`` = per-dim min, ``[1]`` = max) and ``cuboid_mean`` (``[0]`` = centre,
     ``[1]`` = mean |k - centre|), 1 for ``mean``.
   * ``block_table``: ``[>= B, max_blocks]`` int32/int64; ``num_full_pages``: ``[>= B]`` int (``seq_len // page_size``).
-  * ``gqa_reduce``: ``"sum"``, ``"max"`` or ``"mass"``, how the G query heads of a KV head combine their page scores.
+  * ``gqa_reduce``: ``"sum"``, ``"max"``, ``"mass"`` or ``"zmax"``, how the G query heads of a KV head combine their
+    page scores.
   * ``scale``: the attention's softmax scale, required by ``"mass"`` and refused by the others.
-  * ``head_scores``: ``"mass"`` only, optional float32 workspace ``[>= B, Hq, P]`` with a contiguous last dim (the
-    Triton path's per-head scores; allocated when not given).
+  * ``head_scores``: ``"mass"`` and ``"zmax"`` only, optional float32 workspace ``[>= B, Hq, P]`` with a contiguous
+    last dim (the Triton path's per-head scores; allocated when not given).
   * ``out``: optional ``[B, Hkv, P]`` float32 with ``P <= max_blocks * ppb`` (default ``P = max_blocks * ppb``).
 
 With ``s_g(p)`` the page score of page ``p`` (slot ``(block_table[b, p//ppb]*Hkv + h)*ppb + p%ppb``) for query head
@@ -24,14 +25,20 @@ the output ``out[b, h, p]`` (float32, accumulated in fp32) for ``p < num_full_pa
   * ``"sum"``: ``sum_g s_g(p)``;  ``"max"``: ``max_g s_g(p)``;
   * ``"mass"``: ``log sum_g softmax_p(scale * s_g)(p)``, the log of the attention mass the group's heads would put
     on the page if ``s_g`` were its keys' logits (each head's softmax over the request's full pages);
+  * ``"zmax"``: ``max_g (s_g(p) - mu_g) / max(sigma_g, 1e-6)``, with ``mu_g`` and ``sigma_g`` the mean and standard
+    deviation of ``s_g`` over the request's full pages: each head's scores on a common scale before the maximum,
+    so that no head decides the group's selection by the size of its scores alone (nearly the union of the heads'
+    own top lists, at the cost of two more passes over per-head scores instead of a sort);
 ``out[b, h, p] = -inf`` for ``p >= num_full_pages[b]``. Block-table entries of pages ``>= num_full_pages`` are never
 read. All three scores are linear in per-head query vectors once the sign of ``q_i`` is known, so with ``"sum"`` the
 G heads are folded into two D-vectors before touching metadata (quest uses ``max(q*max, q*min) = max(q,0)*max +
-min(q,0)*min``, exact whenever ``min <= max``, which ``build_page_metadata`` guarantees); with ``"max"`` and
-``"mass"`` each head is scored against the same metadata tile (G times the multiply-adds, the same bytes read);
-``"mass"`` writes the scaled per-head scores to ``head_scores``; a second kernel (one program per request and KV
-head, two passes over the pages: each head's log-sum-exp online, then the log of the summed probabilities) writes
-``out``. The torch path does the same with two ``logsumexp`` reductions.
+min(q,0)*min``, exact whenever ``min <= max``, which ``build_page_metadata`` guarantees); with ``"max"``,
+``"mass"`` and ``"zmax"`` each head is scored against the same metadata tile (G times the multiply-adds, the same
+bytes read); ``"mass"`` and ``"zmax"`` write the per-head scores (``"mass"``: scaled) to ``head_scores`` and a second
+kernel (one program per request and KV head) writes ``out``: for ``"mass"`` two passes over the pages (each head's
+log-sum-exp online, then the log of the summed probabilities), for ``"zmax"`` three (means, deviations, the maximum
+standardized score). The torch path does the same with two ``logsumexp`` reductions, or mean and standard
+deviation.
 
 The Triton kernel runs one program per (request, block of ``BLOCK_P`` logical pages) covering ALL KV heads, so
 with the shared layout it reads each vLLM block's metadata (``Hkv * ppb`` consecutive slots) as one contiguous
@@ -50,7 +57,8 @@ from ..config import GQA_REDUCES
 from .pages import num_meta_vectors, resolve_backend
 
 SELECTOR_CODES = {"quest": 0, "cuboid_mean": 1, "mean": 2}
-REDUCE_CODES = {"sum": 0, "max": 1, "mass": 2}
+REDUCE_CODES = {"sum": 0, "max": 1, "mass": 2, "zmax": 3}
+ZMAX_MIN_STD = 1e-6  # the smallest standard deviation "zmax" divides by (a head whose pages all score alike)
 # Launch configuration (tuned on H200 by benchmarks/bench_sparse_decode.py --tune).
 # tile_elems bounds BLOCK_P * Hkv * M * D (rounded to powers of two): the [pages, heads, M*D] tile per program.
 SCORE_LAUNCH = {"tile_elems": 16384, "num_warps": 8}
@@ -68,9 +76,11 @@ def _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, nu
     check_gqa_reduce(gqa_reduce)
     if gqa_reduce == "mass" and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"gqa_reduce='mass' needs the attention's softmax scale (a number > 0), got scale={scale!r}")
-    if gqa_reduce != "mass" and (scale is not None or head_scores is not None):
-        raise ValueError(f"scale and head_scores are used by gqa_reduce='mass' only, got scale={scale!r} and "
-                         f"head_scores={'a tensor' if head_scores is not None else None} with gqa_reduce={gqa_reduce!r}")
+    if gqa_reduce != "mass" and scale is not None:
+        raise ValueError(f"scale is used by gqa_reduce='mass' only, got scale={scale!r} with gqa_reduce={gqa_reduce!r}")
+    if gqa_reduce not in ("mass", "zmax") and head_scores is not None:
+        raise ValueError(f"head_scores is used by gqa_reduce='mass' and 'zmax' only, got a tensor with "
+                         f"gqa_reduce={gqa_reduce!r}")
     for name, v in (("page_size", page_size), ("ppb", ppb), ("num_kv_heads", num_kv_heads)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -137,6 +147,17 @@ def _combine_mass(head_scores: torch.Tensor, num_kv_heads: int, out: torch.Tenso
     return torch.logsumexp(z - lse, dim=2, out=out)
 
 
+def _combine_zmax(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [B, Hkv, P] = max_g`` of each head's standardized scores, from per-head scores ``s [B, Hkv, G, P]``
+    (-inf on pages that are not full, which stay -inf)."""
+    valid = s > float("-inf")
+    n = valid.sum(-1, keepdim=True).clamp_min(1)
+    x = torch.where(valid, s, 0.0)
+    mean = x.sum(-1, keepdim=True) / n
+    std = (torch.where(valid, x - mean, 0.0).square().sum(-1, keepdim=True) / n).sqrt().clamp_min(ZMAX_MIN_STD)
+    return out.copy_(torch.where(valid, (x - mean) / std, float("-inf")).amax(2))
+
+
 def score_pages_torch(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads,
                       gqa_reduce="sum", scale=None, head_scores=None, out=None):
     """Pure-torch page scores (CPU path and reference semantics); see module docstring."""
@@ -146,6 +167,8 @@ def score_pages_torch(q, meta, block_table, num_full_pages, *, selector, page_si
                          num_kv_heads=num_kv_heads, num_pages=out.shape[2], fold=gqa_reduce == "sum")
     if gqa_reduce == "mass":
         return _combine_mass((s * scale).flatten(1, 2), num_kv_heads, out)
+    if gqa_reduce == "zmax":
+        return _combine_zmax(s, out)
     return out.copy_(s.amax(2) if gqa_reduce == "max" else s.squeeze(2))
 
 
@@ -193,7 +216,7 @@ def _score_page_block(q_ptr, meta_ptr, bt_ptr, out_ptr, head_ptr, stride_qb, str
     q_row = q_ptr + b * stride_qb + col
     if REDUCE != 0:
         # Each query head of the group against the same metadata tile: keep the maximum (REDUCE 1) or store the
-        # scaled per-head scores for the mass combination (REDUCE 2).
+        # per-head scores (x scale) for the mass (REDUCE 2) or zmax (REDUCE 3) combination.
         s = tl.full((BLOCK_P, BLOCK_H), float("-inf"), tl.float32)
         for gi in tl.static_range(G):
             qe = tl.load(q_row[None, :] + (hh[:, None] * G + gi) * stride_qh,
@@ -214,7 +237,7 @@ def _score_page_block(q_ptr, meta_ptr, bt_ptr, out_ptr, head_ptr, stride_qb, str
                      other=0.0).to(tl.float32)                                      # [H, G, MD]
         w = tl.sum(_query_weights(qe, (which == 0)[None, None, :], SELECTOR), axis=1)   # [H, MD]
         s = tl.sum(mt * w[None, :, :], axis=2)                                       # [P, H]
-    if REDUCE != 2:
+    if REDUCE < 2:
         s = tl.where(valid[:, None], s, float("-inf"))
         tl.store(out_ptr + b * stride_ob + hh[None, :] * stride_oh + p[:, None], s,
                  mask=(p < n_pages)[:, None] & hmask[None, :])
@@ -243,7 +266,7 @@ def _score_pages_kernel(
     if pid_p * BLOCK_P >= nf:
         # No full page in this block (a plan sized for the longest context, a shorter request): -inf, nothing read.
         dead = tl.full((BLOCK_P, BLOCK_H), float("-inf"), tl.float32)
-        if REDUCE == 2:
+        if REDUCE >= 2:
             for gi in tl.static_range(G):
                 tl.store(head_ptr + b * stride_hb + (hh[None, :] * G + gi) * stride_hh + p[:, None], dead,
                          mask=(p < n_pages)[:, None] & hmask[None, :])
@@ -287,6 +310,39 @@ def _combine_mass_kernel(head_ptr, out_ptr, stride_hb, stride_hh, stride_ob, str
                  mask=p < n_pages)
 
 
+@triton.jit
+def _combine_zmax_kernel(head_ptr, out_ptr, stride_hb, stride_hh, stride_ob, stride_oh, n_pages, min_std,
+                         G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr):
+    """out[b, h, p] = max_g (head[b, h*G + g, p] - mean_g) / max(std_g, min_std) over the full pages (see
+    `_combine_zmax`): the means, the deviations, then the maximum, three passes over the pages."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    rows = head_ptr + b * stride_hb + (h * G + g)[:, None] * stride_hh
+    n = tl.zeros((BLOCK_G,), tl.float32)
+    total = tl.zeros((BLOCK_G,), tl.float32)
+    for start in range(0, n_pages, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        z = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :], other=float("-inf"))
+        full = z > float("-inf")
+        n += tl.sum(full.to(tl.float32), axis=1)
+        total += tl.sum(tl.where(full, z, 0.0), axis=1)
+    mean = total / tl.maximum(n, 1.0)
+    dev = tl.zeros((BLOCK_G,), tl.float32)
+    for start in range(0, n_pages, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        z = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :], other=float("-inf"))
+        d = tl.where(z > float("-inf"), z - mean[:, None], 0.0)
+        dev += tl.sum(d * d, axis=1)
+    std = tl.maximum(tl.sqrt(dev / tl.maximum(n, 1.0)), min_std)
+    for start in range(0, n_pages, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        z = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :], other=float("-inf"))
+        t = tl.where(z > float("-inf"), (z - mean[:, None]) / std[:, None], float("-inf"))
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + p, tl.max(t, axis=0), mask=p < n_pages)
+
+
 def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, gqa_reduce="sum",
                 scale=None, head_scores=None, out=None, backend="auto"):
     """Page scores ``[B, Hkv, P]`` float32 (see module docstring); Triton on CUDA, torch on CPU by default."""
@@ -300,7 +356,7 @@ def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, pp
     n_pages = out.shape[2]
     if bsz == 0 or n_pages == 0:
         return out
-    if gqa_reduce == "mass":
+    if gqa_reduce in ("mass", "zmax"):
         if head_scores is None:
             head_scores = torch.empty((bsz, hq, n_pages), dtype=torch.float32, device=q.device)
         head_scores = head_scores[:bsz, :, :n_pages]
@@ -319,10 +375,15 @@ def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, pp
         BLOCK_H=block_h, BLOCK_G=triton.next_power_of_2(g), BLOCK_MD=block_md, BLOCK_P=block_p,
         num_warps=SCORE_LAUNCH["num_warps"],
     )
+    combine_block_p = max(16, min(1024, 4096 // triton.next_power_of_2(g)))
     if gqa_reduce == "mass":
         _combine_mass_kernel[(bsz, num_kv_heads)](
             head_scores, out, head_scores.stride(0), head_scores.stride(1), out.stride(0), out.stride(1), n_pages,
-            G=g, BLOCK_G=triton.next_power_of_2(g), BLOCK_P=max(16, min(1024, 4096 // triton.next_power_of_2(g))),
-            num_warps=4,
+            G=g, BLOCK_G=triton.next_power_of_2(g), BLOCK_P=combine_block_p, num_warps=4,
+        )
+    elif gqa_reduce == "zmax":
+        _combine_zmax_kernel[(bsz, num_kv_heads)](
+            head_scores, out, head_scores.stride(0), head_scores.stride(1), out.stride(0), out.stride(1), n_pages,
+            ZMAX_MIN_STD, G=g, BLOCK_G=triton.next_power_of_2(g), BLOCK_P=combine_block_p, num_warps=4,
         )
     return out

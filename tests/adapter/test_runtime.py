@@ -138,7 +138,8 @@ def test_a_finished_requests_late_report_is_never_credited_to_the_new_owner_of_i
 
 
 @pytest.mark.parametrize("selector, setting, expected", [("mean", None, "mass"), ("cuboid_mean", None, "sum"),
-                                                         ("quest", "max", "max"), ("mean", "sum", "sum")])
+                                                         ("quest", None, "zmax"), ("quest", "max", "max"),
+                                                         ("mean", "sum", "sum")])
 def test_the_decode_wrapper_combines_a_gqa_group_as_configured(selector, setting, expected):
     rt = SparseRuntime(SparseServeConfig(selector=selector, gqa_reduce=setting, stats_interval_s=0),
                        stub_config("gqa", None))

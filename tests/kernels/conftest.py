@@ -62,7 +62,8 @@ def slot_of(bt_row, p, h, hkv, ppb):
 
 def ref_scores(q, meta, block_table, num_full, selector, ppb, hkv, n_pages, gqa_reduce="sum", scale=None):
     """float64 page scores by the literal per-head formulas, combined over each KV head's query heads: summed,
-    maxed, or (mass) the log of the summed per-head softmax over the request's full pages of `scale` x score."""
+    maxed, (mass) the log of the summed per-head softmax over the request's full pages of `scale` x score, or
+    (zmax) the maximum of each head's scores standardized over the request's full pages."""
     q = q.double().cpu()
     meta = meta.double().cpu()
     bt = block_table.cpu()
@@ -84,16 +85,22 @@ def ref_scores(q, meta, block_table, num_full, selector, ppb, hkv, n_pages, gqa_
                     else:
                         per_head[p, j] = (qq @ m[0]).item()
             lse = {}  # log of each query head's softmax denominator over the full pages (mass)
+            mean, std = {}, {}  # each query head's mean and standard deviation over the full pages (zmax)
             for j in range(g):
                 if gqa_reduce == "mass" and pages:
                     top = max(scale * per_head[o, j] for o in pages)
                     lse[j] = top + math.log(sum(math.exp(scale * per_head[o, j] - top) for o in pages))
+                if gqa_reduce == "zmax" and pages:
+                    mean[j] = sum(per_head[o, j] for o in pages) / len(pages)
+                    std[j] = max(math.sqrt(sum((per_head[o, j] - mean[j]) ** 2 for o in pages) / len(pages)), 1e-6)
             for p in pages:
                 heads = [per_head[p, j] for j in range(g)]
                 if gqa_reduce == "sum":
                     out[b, h, p] = sum(heads)
                 elif gqa_reduce == "max":
                     out[b, h, p] = max(heads)
+                elif gqa_reduce == "zmax":
+                    out[b, h, p] = max((per_head[p, j] - mean[j]) / std[j] for j in range(g))
                 else:
                     out[b, h, p] = math.log(sum(math.exp(scale * per_head[p, j] - lse[j]) for j in range(g)))
     return out

@@ -49,7 +49,8 @@ def test_full_budget_equals_dense_decode(backend, dtype, hq, hkv, d, page, ppb, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("selector, gqa_reduce", [("cuboid_mean", "sum"), ("quest", "max"), ("mean", "mass")])
+@pytest.mark.parametrize("selector, gqa_reduce", [("cuboid_mean", "sum"), ("quest", "max"), ("mean", "mass"),
+                                                  ("quest", "zmax")])
 def test_sparse_step_matches_reference_pipeline(backend, selector, gqa_reduce):
     bsz, hq, hkv, d, page, ppb, max_blocks = 3, 8, 2, 64, 16, 2, 6
     budget, sink, recent = 6 * page, 1, 2
@@ -83,7 +84,7 @@ def test_sparse_step_matches_reference_pipeline(backend, selector, gqa_reduce):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("gqa_reduce", ["sum", "mass"])
+@pytest.mark.parametrize("gqa_reduce", ["sum", "mass", "zmax"])
 def test_run_is_cuda_graph_capturable(gqa_reduce):
     bsz, hq, hkv, d, page, ppb, max_blocks = 4, 32, 8, 128, 32, 1, 40
     seq = [max_blocks * page, 1000, 33, 700]
@@ -116,7 +117,7 @@ def test_constructor_and_plan_validation():
         SparseDecodeWrapper(8, 2, 64, 16, 1, selector="oracle", device=DEVICE)
     with pytest.raises(ValueError, match="backend"):
         SparseDecodeWrapper(8, 2, 64, 16, 1, device=DEVICE, backend="cuda")
-    with pytest.raises(ValueError, match="gqa_reduce must be one of sum, max, mass"):
+    with pytest.raises(ValueError, match="gqa_reduce must be one of sum, max, mass, zmax"):
         SparseDecodeWrapper(8, 2, 64, 16, 1, device=DEVICE, gqa_reduce="softmax")
     w = SparseDecodeWrapper(8, 2, 64, 16, 1, device=DEVICE, dtype=torch.float32)
     q = torch.zeros((2, 8, 64), device=DEVICE)

@@ -21,7 +21,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("gqa_reduce", ["sum", "max", "mass"])
+@pytest.mark.parametrize("gqa_reduce", ["sum", "max", "mass", "zmax"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[7]}-G{c[1] // c[2]}-{str(c[8])[6:]}")
 def test_scores_match_float64_reference(case, backend, gqa_reduce):
@@ -43,7 +43,8 @@ def test_scores_match_float64_reference(case, backend, gqa_reduce):
     meta = make_meta(num_blocks * hkv * ppb, d, selector, dtype, gen)
     out = torch.full((bsz, hkv, n_pages), float("nan"), device=DEVICE)
     scale = d ** -0.5 if gqa_reduce == "mass" else None
-    head_scores = torch.full((bsz + 1, hq, n_pages + 2), float("nan"), device=DEVICE) if gqa_reduce == "mass" else None
+    head_scores = (torch.full((bsz + 1, hq, n_pages + 2), float("nan"), device=DEVICE)
+                   if gqa_reduce in ("mass", "zmax") else None)
 
     score_pages(q, meta, bt, num_full, selector=selector, page_size=page, ppb=ppb, num_kv_heads=hkv, out=out,
                 gqa_reduce=gqa_reduce, scale=scale, head_scores=head_scores, backend=backend)
@@ -56,7 +57,7 @@ def test_scores_match_float64_reference(case, backend, gqa_reduce):
     torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("gqa_reduce", ["sum", "max", "mass"])
+@pytest.mark.parametrize("gqa_reduce", ["sum", "max", "mass", "zmax"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fewer_columns_than_table_and_strided_q(backend, gqa_reduce):
     gen = torch.Generator().manual_seed(7)
@@ -88,13 +89,16 @@ def test_default_out_shape_and_bad_arguments():
         score_pages(q, meta, bt, nf, selector="topk", page_size=16, ppb=2, num_kv_heads=2)
     with pytest.raises(ValueError, match="meta"):
         score_pages(q, meta[:, :1], bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2)
-    with pytest.raises(ValueError, match="gqa_reduce must be one of sum, max, mass"):
+    with pytest.raises(ValueError, match="gqa_reduce must be one of sum, max, mass, zmax"):
         score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, gqa_reduce="mean")
     with pytest.raises(ValueError, match="mass.* needs the attention's softmax scale"):
         score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, gqa_reduce="mass")
-    with pytest.raises(ValueError, match="scale and head_scores are used by gqa_reduce='mass' only"):
+    with pytest.raises(ValueError, match="scale is used by gqa_reduce='mass' only"):
         score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, scale=0.1)
-    with pytest.raises(ValueError, match="scale and head_scores are used by gqa_reduce='mass' only"):
+    with pytest.raises(ValueError, match="scale is used by gqa_reduce='mass' only"):
+        score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2, gqa_reduce="zmax",
+                    scale=0.1)
+    with pytest.raises(ValueError, match="head_scores is used by gqa_reduce='mass' and 'zmax' only"):
         score_pages(q, meta, bt, nf, selector="quest", page_size=16, ppb=2, num_kv_heads=2,
                     head_scores=torch.empty((1, 4, 6), device=DEVICE))
     with pytest.raises(ValueError, match="head_scores must be float32"):
