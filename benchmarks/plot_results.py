@@ -49,6 +49,15 @@ def label_bars(ax, bars, fmt: str, fontsize: int = 8) -> None:
                     ha="center", va="bottom", fontsize=fontsize)
 
 
+def finish_axis(ax, labels, ylabel: str, title: str, fontsize: int = 8, rotation: int = 0) -> None:
+    """Tick labels for bars at 0..n-1, the y label, the legend and the title."""
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=fontsize, rotation=rotation)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+
+
 def save(fig, out: Path, bottom: float = 0.0) -> None:
     fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(out, dpi=130)
@@ -738,11 +747,7 @@ def plot_set12(results: Path, tag: str = "h200x2-2026-11-30") -> None:
                        color=("tab:green", "tab:olive")[i], label=name)
         label_bars(ax4, bars, "{:.3f}", 7)
     ax4.axhline(1.05, color="k", lw=0.8, ls="--", label="goal for offload on: 1.05x")
-    ax4.set_xticks(range(len(engines)))
-    ax4.set_xticklabels(engines, fontsize=8)
-    ax4.set_ylabel("time to first token / plain")
-    ax4.legend(fontsize=8)
-    ax4.set_title("Prefill alone (GPU 1, beside the profile on GPU 0)", fontsize=9)
+    finish_axis(ax4, engines, "time to first token / plain", "Prefill alone (GPU 1, beside the profile on GPU 0)")
     fig.suptitle("Eighth set, NVIDIA H200 x2 (one lane per GPU), 2026-11-30 (06:45-07:22 UTC), commit c563416",
                  fontsize=10)
     save(fig, results / f"set12-{tag}.png", bottom=0.12)
@@ -794,11 +799,8 @@ def plot_set13(results: Path, tag: str = "h200x2-2026-11-30") -> None:
                 ax3.text(bar.get_x() + bar.get_width() / 2, 1.14, f"{v:.3f}", ha="center", va="top", fontsize=7)
     ax3.axhline(1.05, color="k", lw=0.8, ls="--", label="goal: 1.05x")
     ax3.set_ylim(0.9, 1.15)
-    ax3.set_xticks(range(len(segs)))
-    ax3.set_xticklabels([n for n, _ in runs], fontsize=6, rotation=30)
-    ax3.set_ylabel("layer-segmented (offload) TTFT / plain TTFT")
-    ax3.legend(fontsize=8)
-    ax3.set_title("Prefill with offload vs without: FlashD2H stream priority and SMs", fontsize=9)
+    finish_axis(ax3, [n for n, _ in runs], "layer-segmented (offload) TTFT / plain TTFT",
+                "Prefill with offload vs without: FlashD2H stream priority and SMs", fontsize=6, rotation=30)
     fig.suptitle("Ninth set, NVIDIA H200 x2, 2026-11-30 (10:14-10:37 UTC), commit a6d1db3 + the FlashD2H change",
                  fontsize=10)
     save(fig, results / f"set13-{tag}.png", bottom=0.14)
