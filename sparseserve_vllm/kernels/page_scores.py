@@ -42,9 +42,10 @@ deviation.
 
 The Triton kernel runs one program per (request, block of ``BLOCK_P`` logical pages) covering ALL KV heads, so
 with the shared layout it reads each vLLM block's metadata (``Hkv * ppb`` consecutive slots) as one contiguous
-chunk, and every metadata row exactly once. A block past the request's full pages (the grid is sized for the longest context
-the plan allows) only writes ``-inf``, so the kernel's cost follows the batch's contexts. It never synchronises with the host and allocates nothing when
-``out`` (and, for ``"mass"``, ``head_scores``) is given.
+chunk, and every metadata row exactly once. A block past the request's full pages (the grid is sized for the
+longest context the plan allows) only writes ``-inf``, so the scoring follows the batch's contexts (the combining
+kernels of ``"mass"`` and ``"zmax"`` still read all ``P`` columns). It never synchronises with the host and
+allocates nothing when ``out`` (and, for ``"mass"`` and ``"zmax"``, ``head_scores``) is given.
 """
 
 from __future__ import annotations
