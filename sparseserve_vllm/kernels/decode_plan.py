@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from .page_scores import check_gqa_reduce, score_pages
+from .page_scores import PER_HEAD_REDUCES, check_gqa_reduce, score_pages
 from .page_topk import select_pages
 from .pages import num_meta_vectors, resolve_backend
 from .sparse_decode import alloc_split_workspace, choose_num_splits, sparse_decode_attention
@@ -101,7 +101,7 @@ class SparseDecodeWrapper:
         self._nfull = torch.zeros(batch_size, dtype=torch.int32, device=dev)
         self._scores = torch.empty((batch_size, hkv, max_pages), dtype=torch.float32, device=dev)
         self._head_scores = (torch.empty((batch_size, self.num_qo_heads, max_pages), dtype=torch.float32, device=dev)
-                             if self.gqa_reduce in ("mass", "zmax") else None)
+                             if self.gqa_reduce in PER_HEAD_REDUCES else None)
         self._page_idx = torch.full((batch_size, hkv, k), -1, dtype=torch.int32, device=dev)
         self._slots = torch.zeros((batch_size, hkv, k), dtype=torch.int32, device=dev)
         self._lens = torch.zeros((batch_size, hkv, k), dtype=torch.int32, device=dev)

@@ -59,6 +59,7 @@ from .pages import num_meta_vectors, resolve_backend
 
 SELECTOR_CODES = {"quest": 0, "cuboid_mean": 1, "mean": 2}
 REDUCE_CODES = {"sum": 0, "max": 1, "mass": 2, "zmax": 3}
+PER_HEAD_REDUCES = ("mass", "zmax")  # they combine per-head scores held in `head_scores` (a second kernel)
 ZMAX_MIN_STD = 1e-6  # the smallest standard deviation "zmax" divides by (a head whose pages all score alike)
 # Launch configuration (tuned on H200 by benchmarks/bench_sparse_decode.py --tune).
 # tile_elems bounds BLOCK_P * Hkv * M * D (rounded to powers of two): the [pages, heads, M*D] tile per program.
@@ -79,7 +80,7 @@ def _validate(q, meta, block_table, num_full_pages, selector, page_size, ppb, nu
         raise ValueError(f"gqa_reduce='mass' needs the attention's softmax scale (a number > 0), got scale={scale!r}")
     if gqa_reduce != "mass" and scale is not None:
         raise ValueError(f"scale is used by gqa_reduce='mass' only, got scale={scale!r} with gqa_reduce={gqa_reduce!r}")
-    if gqa_reduce not in ("mass", "zmax") and head_scores is not None:
+    if gqa_reduce not in PER_HEAD_REDUCES and head_scores is not None:
         raise ValueError(f"head_scores is used by gqa_reduce='mass' and 'zmax' only, got a tensor with "
                          f"gqa_reduce={gqa_reduce!r}")
     for name, v in (("page_size", page_size), ("ppb", ppb), ("num_kv_heads", num_kv_heads)):
@@ -282,6 +283,14 @@ def _score_pages_kernel(
 
 
 @triton.jit
+def _head_block(rows, start, n_pages, gmask, BLOCK_P: tl.constexpr):
+    """Pages `start ..` of the group's per-head score rows: (page ids [BLOCK_P], scores [BLOCK_G, BLOCK_P], -inf
+    past `n_pages` and on padding heads)."""
+    p = start + tl.arange(0, BLOCK_P)
+    return p, tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :], other=float("-inf"))
+
+
+@triton.jit
 def _combine_mass_kernel(head_ptr, out_ptr, stride_hb, stride_hh, stride_ob, stride_oh, n_pages,
                          G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr):
     """out[b, h, p] = log sum_g softmax_p(head[b, h*G + g, :])(p), in the log domain (see `_combine_mass`)."""
@@ -293,17 +302,15 @@ def _combine_mass_kernel(head_ptr, out_ptr, stride_hb, stride_hh, stride_ob, str
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
     for start in range(0, n_pages, BLOCK_P):  # each head's running max and sum of exp over the pages
-        p = start + tl.arange(0, BLOCK_P)
-        z = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :], other=float("-inf"))
+        p, z = _head_block(rows, start, n_pages, gmask, BLOCK_P)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
         m = m_new
     lse = tl.where(m == float("-inf"), 0.0, m + tl.log(l))  # a head without full pages: every z is -inf
     for start in range(0, n_pages, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        a = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :],
-                    other=float("-inf")) - lse[:, None]                             # log-probabilities [G, P]
+        p, z = _head_block(rows, start, n_pages, gmask, BLOCK_P)
+        a = z - lse[:, None]                                                         # log-probabilities [G, P]
         top = tl.max(a, axis=0)
         top_ref = tl.where(top == float("-inf"), 0.0, top)
         res = top_ref + tl.log(tl.sum(tl.exp(a - top_ref[None, :]), axis=0))
@@ -324,22 +331,19 @@ def _combine_zmax_kernel(head_ptr, out_ptr, stride_hb, stride_hh, stride_ob, str
     n = tl.zeros((BLOCK_G,), tl.float32)
     total = tl.zeros((BLOCK_G,), tl.float32)
     for start in range(0, n_pages, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        z = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :], other=float("-inf"))
+        p, z = _head_block(rows, start, n_pages, gmask, BLOCK_P)
         full = z > float("-inf")
         n += tl.sum(full.to(tl.float32), axis=1)
         total += tl.sum(tl.where(full, z, 0.0), axis=1)
     mean = total / tl.maximum(n, 1.0)
     dev = tl.zeros((BLOCK_G,), tl.float32)
     for start in range(0, n_pages, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        z = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :], other=float("-inf"))
+        p, z = _head_block(rows, start, n_pages, gmask, BLOCK_P)
         d = tl.where(z > float("-inf"), z - mean[:, None], 0.0)
         dev += tl.sum(d * d, axis=1)
     std = tl.maximum(tl.sqrt(dev / tl.maximum(n, 1.0)), min_std)
     for start in range(0, n_pages, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        z = tl.load(rows + p[None, :], mask=gmask[:, None] & (p < n_pages)[None, :], other=float("-inf"))
+        p, z = _head_block(rows, start, n_pages, gmask, BLOCK_P)
         t = tl.where(z > float("-inf"), (z - mean[:, None]) / std[:, None], float("-inf"))
         tl.store(out_ptr + b * stride_ob + h * stride_oh + p, tl.max(t, axis=0), mask=p < n_pages)
 
@@ -357,7 +361,7 @@ def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, pp
     n_pages = out.shape[2]
     if bsz == 0 or n_pages == 0:
         return out
-    if gqa_reduce in ("mass", "zmax"):
+    if gqa_reduce in PER_HEAD_REDUCES:
         if head_scores is None:
             head_scores = torch.empty((bsz, hq, n_pages), dtype=torch.float32, device=q.device)
         head_scores = head_scores[:bsz, :, :n_pages]
