@@ -31,6 +31,10 @@ the layer's MLP), timed with CUDA events on the compute stream alone and with Fl
 right after its matmuls; `slowdown` = with / alone (goal ~1.0). Reported in `interference` for the staged saver
 with the most threads and in every `flash_d2h_uva` entry for that program count (the scatter kernel shares the
 SMs with the matmuls; the staged saver only adds its pack kernel and a copy-engine transfer).
+  (d) for prefill sizes, `FlashD2HSaver.save_blocks` (uva mode, the fewest --sms): the step's tokens fill whole blocks
+      whose ids are consecutive (a fresh request), descending (vLLM's free queue hands a finished request's blocks
+      back tail first) or random (the worst case: every block its own copy-engine run); `flash_d2h_blocks`, with
+      the interference measured the same way.
 `ratio` = saver GB/s / contiguous GB/s of the same run (goal >= 0.9).
 """
 
@@ -50,6 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparseserve_vllm.core.block_runs import plan_block_runs  # noqa: E402
 from sparseserve_vllm.core.flash_d2h import FlashD2HSaver  # noqa: E402
 from sparseserve_vllm.core.host_kv import HostKVStore  # noqa: E402
 
@@ -200,12 +205,15 @@ def main() -> int:
         row["contiguous_per_layer_gbps"] = round(step_bytes / statistics.median(times) / 1e9, 2)
         del src, dst, per_layer, dst_layers
 
+        def ring_save(saver, layer):
+            saver.save(layer, keys[layer], values[layer], slots)
+
         # (a) FlashD2H, both modes
-        def measure(saver) -> dict:
+        def measure(saver, save=ring_save, slots_cpu=slots_cpu) -> dict:
             nonlocal ok
             poison(host, slots_cpu, range(LAYERS))
             for layer in range(LAYERS):
-                saver.save(layer, keys[layer], values[layer], slots)
+                save(saver, layer)
             saver.wait_all()
             good = check_store(host, keys, values, slots_cpu, range(LAYERS))
             ok &= good
@@ -214,7 +222,7 @@ def main() -> int:
                 torch.cuda.synchronize()
                 a = time.perf_counter()
                 for layer in range(LAYERS):
-                    saver.save(layer, keys[layer], values[layer], slots)
+                    save(saver, layer)
                 b = time.perf_counter()
                 saver.wait_all()
                 walls.append(time.perf_counter() - a)
@@ -258,22 +266,22 @@ def main() -> int:
             for _ in range(args.mm_per_layer):
                 torch.mm(x, w)
 
-        def forward(saver):
+        def forward(saver, save=ring_save):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(compute)
             for layer in range(LAYERS):
                 layer_work()
                 if saver is not None:
-                    saver.save(layer, keys[layer], values[layer], slots)
+                    save(saver, layer)
             end.record(compute)
             end.synchronize()
             if saver is not None:
                 saver.wait_all()
             return start.elapsed_time(end)
 
-        def with_saver(saver) -> float:
-            forward(saver)  # warm-up
-            return statistics.median(forward(saver) for _ in range(args.steps))
+        def with_saver(saver, save=ring_save) -> float:
+            forward(saver, save)  # warm-up
+            return statistics.median(forward(saver, save) for _ in range(args.steps))
 
         forward(None)
         alone = statistics.median(forward(None) for _ in range(args.steps))
@@ -295,6 +303,31 @@ def main() -> int:
                          slowdown=round(with_save / alone, 4))
             uva.append(entry)
         row["flash_d2h_uva"] = uva
+
+        # (d) whole-block saves (`save_blocks`, a layer-segmented prompt): runs of consecutive block ids by the
+        # copy engine; three block-id layouts of the same number of blocks
+        if t % BLOCK == 0 and t > 256:
+            m = t // BLOCK
+            layouts = dict(consecutive=torch.arange(m), reversed=torch.arange(m - 1, -1, -1),
+                           random=torch.randperm(num_blocks, generator=gen)[:m])
+            blocks = []
+            for name, ids in layouts.items():
+                ids_list = ids.tolist()
+                block_slots = (ids[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)
+
+                def block_save(saver, layer, ids_list=ids_list):
+                    saver.save_blocks(layer, keys[layer], values[layer], ids_list)
+
+                with FlashD2HSaver(host, args.max_tokens, staging_tokens=args.staging_tokens, mode="uva",
+                                   num_sms=min(sms_list)) as saver:
+                    entry = dict(block_ids=name, copies_per_layer=len(
+                        plan_block_runs(ids_list, BLOCK * TOKEN_BYTES, saver.min_copy_bytes).runs),
+                        **measure(saver, block_save, block_slots))
+                    with_save = with_saver(saver, block_save)
+                entry.update(compute_alone_ms=round(alone, 3), compute_with_flash_d2h_ms=round(with_save, 3),
+                             slowdown=round(with_save / alone, 4))
+                blocks.append(entry)
+            row["flash_d2h_blocks"] = blocks
         rows.append(row)
         del keys, values, x
 

@@ -6,6 +6,7 @@
   chunked   KV in HBM, vLLM's chunked prefill (`--chunk` tokens a step): offload off;
   segmented offload on, layer-segmented prefill (`max_inject_tokens` = chunk x layers, the paper's setting);
   offload-chunked offload on, `layer_segmented_prefill: false` (chunks that gather their context from host DRAM).
+`--systems` picks some of them; `--repeats` times each prompt that often (the median is reported, and every run).
 Reports each time, the ratios against `plain` and `chunked`, and `segment_peak_bytes` against the bound (hidden
 states and residual of the prompt + one layer's KV of it).
 `--part load`: TTFT of `--late` prompts of `--late-len` tokens that arrive while `--decodes` requests of
@@ -34,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -117,14 +119,19 @@ def part_prefill(args, model, out):
 
     def body(llm, name):
         ttft(llm, mid_p[:4096])  # warm-up
-        run = {"mid_s": round(ttft(llm, mid_p), 3)}
-        run["long_s"] = round(ttft(llm, long_p), 3)
+        run = {}
+        for key, prompt in (("mid_s", mid_p), ("long_s", long_p)):
+            times = [ttft(llm, prompt) for _ in range(args.repeats)]
+            run[key] = round(statistics.median(times), 3)
+            if args.repeats > 1:
+                run[key[:-2] + "_all_s"] = [round(x, 3) for x in times]
         time.sleep(1.2)
         run["segment_peak_bytes"] = read_totals()["segment_peak_bytes"]
         return run
 
     res = {"long_len": args.long_len, "mid_len": args.mid_len, "chunk": args.chunk, "runs": {}}
-    run_systems(model, prefill_systems(args), args.long_len + 64, body, res, out)
+    systems = [s for s in prefill_systems(args) if s[0] in args.systems.split(",")]
+    run_systems(model, systems, args.long_len + 64, body, res, out)
     runs = res["runs"]
     n = args.long_len  # a job holds every prompt token, the last one too (its attention output is kept)
     res["segment_bound_bytes"] = 2 * n * HIDDEN * 2 + n * KV_HEADS * 2 * HEAD_DIM * 2
@@ -255,6 +262,9 @@ def main() -> None:
     ap.add_argument("--hbm-cache-gib", type=float,
                     help="prefill/profile: HBM page cache with offload (default 8, 0.01 with --model-path)")
     ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--systems", default="plain,chunked,segmented,offload-chunked",
+                    help="prefill part: the engines to run, comma-separated")
+    ap.add_argument("--repeats", type=int, default=1, help="prefill part: TTFT runs of each prompt (the median)")
     ap.add_argument("--long-len", type=int, default=131072)
     ap.add_argument("--mid-len", type=int, default=32768)
     ap.add_argument("--decodes", type=int, default=12)
@@ -269,6 +279,10 @@ def main() -> None:
                     help="profile part: no Python stacks in the trace (less overhead, no plugin_python)")
     ap.add_argument("--top", type=int, default=15, help="profile part: length of the top lists")
     args = ap.parse_args()
+    unknown = set(args.systems.split(",")) - {s[0] for s in prefill_systems(args)}
+    if unknown or args.repeats < 1:
+        ap.error(f"--systems takes names among plain,chunked,segmented,offload-chunked (got {sorted(unknown)}); "
+                 f"--repeats must be >= 1 (got {args.repeats})")
     if args.host_kv_gib is None:
         args.host_kv_gib = 0.05 if args.model_path else 48.0
     if args.hbm_cache_gib is None:

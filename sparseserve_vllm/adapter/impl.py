@@ -189,8 +189,16 @@ class SparseServeImpl(AttentionImpl):
             pages = kv.view(p1 - p0, ps, h, -1).transpose(1, 2).reshape((p1 - p0) * h, ps, kv.shape[-1])
             self._summarize_pages(rt.page_meta(li, kv_cache), pages, flat.reshape(-1))
             rt.count(pages_summarized=pages.shape[0])
-        if s > a:
-            tier.save(li, key[: s - a], value[: s - a], job.host_slots[a:s])
+        if s > a:  # whole blocks by the copy engine, the partial ones at either end through the ring
+            bs = tier.host.block_size
+            b0, b1 = -(-a // bs), s // bs  # the whole blocks [b0, b1) of tokens [a, s)
+            ends = ((a, b0 * bs), (b1 * bs, s)) if b1 > b0 else ((a, s),)
+            for t0, t1 in ends:
+                if t1 > t0:
+                    tier.save(li, key[t0 - a: t1 - a], value[t0 - a: t1 - a], job.host_slots[t0:t1])
+            if b1 > b0:
+                tier.save_blocks(li, key[b0 * bs - a: b1 * bs - a], value[b0 * bs - a: b1 * bs - a],
+                                 job.spec.block_ids[b0:b1])
         return output
 
     def _summarize_pages(self, meta, pages, slots) -> None:

@@ -2,13 +2,15 @@
 
 Contract:
 - `FlashD2HSaver(host, max_tokens, num_threads=4, *, staging_tokens=2*max_tokens, device=None, mode=None,
-  num_sms=8, tile_bytes=16384)` saves into `host.kv` (a `HostKVStore`). `device`: where the new KV lives (default: the current
+  num_sms=8, tile_bytes=16384, min_copy_bytes=MIN_COPY_BYTES)` saves into `host.kv` (a `HostKVStore`). `device`: where the new KV lives (default: the current
   CUDA device when the store is pinned, else the CPU). `mode`: "uva" (the default on a CUDA device, which it
   needs) or "staged" (the default and only mode on the CPU). `max_tokens`: the most tokens staged as one part (a
   larger save is cut into parts). `staging_tokens` (>= max_tokens): the staging ring's rows. `num_threads`:
   staged mode's scatter threads; `num_sms`: uva mode's scatter programs (the SMs it may take from compute; 8
   move as many GB/s as 16 and slow a layer-segmented prefill less: benchmarks/results/README.md, 13b);
-  `tile_bytes`: uva mode's bytes per scatter tile (`kernels.FlashD2HScatter`).
+  `tile_bytes`: uva mode's bytes per scatter tile (`kernels.FlashD2HScatter`); `min_copy_bytes` (default 512 KiB):
+  `save_blocks`' shortest run of blocks moved by one copy (shorter runs would be host-bound below the scatter
+  kernel's rate).
 - `save(layer, key, value, slot_mapping)`: `slot_mapping` is 1-D int32/int64 `[T]` of LOGICAL slot ids
   `block * block_size + offset` (`-1` = padding, skipped), on `device` or on the CPU. `key`, `value` are
   `[>= T, Hkv, D]` of the host store's dtype on `device` (rows past T are ignored, as vLLM's padded batches
@@ -46,6 +48,15 @@ Contract:
   Ring rows are reused only after the piece that read them is done: uva makes the compute stream wait for its
   event (a GPU-side wait; the host never blocks); staged blocks `save` on the host until its tasks finished.
   Size the ring for two layers of a full step so that neither wait ever finds the piece still running.
+- `save_blocks(layer, key, value, block_ids)`: the same effect for a save that fills whole blocks (a layer-segmented
+  prompt): `block_ids` (on the CPU: a sequence of ints, a numpy array or a CPU tensor) are m distinct logical block
+  ids, block i receiving tokens `[i * block_size, (i + 1) * block_size)` of `key`/`value` (`[>= m * block_size, Hkv,
+  D]`, or packed). One layer's blocks with consecutive ids are one contiguous run of `host.kv`, and in the store's
+  layout, so they need no scatter: the blocks are packed in block-id order in that layout (on the compute stream,
+  into a fresh tensor the caching allocator keeps until the copies are done) and every run of at least
+  `min_copy_bytes` goes to `host.kv` as ONE copy by the copy engine (uva: on the side stream, behind earlier saves;
+  staged: after draining them, in the call). Blocks in shorter runs go through `save` (`core.block_runs`). The copy
+  engine moves PCIe's full rate and takes no SMs from compute (the scatter kernel's writes reach ~0.9 of it).
 - `flush()` commits, then makes every save so far visible to work the caller queues next on its current stream
   (a FlashH2D load of a page saved this step): uva only enqueues a wait of that stream for the side stream, and
   only when a piece was launched since the last flush (so the wait is made once per step, on the stream that the
@@ -63,23 +74,27 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from sparseserve_vllm.core.block_runs import plan_block_runs
 from sparseserve_vllm.core.host_kv import HostKVStore
 from sparseserve_vllm.kernels.flash_d2h_scatter import _INTERPRET as _SCATTER_INTERPRET
 from sparseserve_vllm.kernels.flash_d2h_scatter import FlashD2HScatter, flash_d2h_scatter_torch
 
-__all__ = ["FlashD2HSaver", "MODES"]
+__all__ = ["FlashD2HSaver", "MIN_COPY_BYTES", "MODES"]
 
 MODES = ("uva", "staged")
 
 _MIN_TASK_BYTES = 1 << 20
 _CPU = torch.device("cpu")
 _COMMIT_BYTES = 4 << 20
+MIN_COPY_BYTES = 512 << 10
+"""`min_copy_bytes`' default: one copy costs ~8 us of host time, which moves ~440 KB at PCIe's 55 GB/s."""
 _HIGHEST_PRIORITY = -100  # torch maps a priority beyond the device's range to its highest
 
 
@@ -107,6 +122,7 @@ class FlashD2HSaver:
         mode: str | None = None,
         num_sms: int = 8,
         tile_bytes: int = 16384,
+        min_copy_bytes: int | None = None,
     ):
         if not isinstance(host, HostKVStore):
             raise ValueError(f"host must be a HostKVStore, got {type(host).__name__}")
@@ -116,6 +132,9 @@ class FlashD2HSaver:
                             ("staging_tokens", staging_tokens), ("num_sms", num_sms)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        min_copy_bytes = MIN_COPY_BYTES if min_copy_bytes is None else min_copy_bytes
+        if not isinstance(min_copy_bytes, int) or isinstance(min_copy_bytes, bool) or min_copy_bytes < 0:
+            raise ValueError(f"min_copy_bytes must be an integer >= 0, got {min_copy_bytes!r}")
         if staging_tokens < max_tokens:
             raise ValueError(f"staging_tokens ({staging_tokens}) must be >= max_tokens ({max_tokens})")
         if device is None:
@@ -142,6 +161,8 @@ class FlashD2HSaver:
         self._capacity = host.num_logical_blocks * host.block_size
         h, d2 = host.num_kv_heads, 2 * host.head_dim
         self._row_bytes = h * d2 * host.kv.element_size()  # ring bytes per token
+        self.min_copy_bytes = min_copy_bytes
+        self._copied = None  # event after the last copy-engine runs of `save_blocks` (uva)
         if device.type == "cuda":
             self._dev_kv = torch.empty((staging_tokens, h, d2), dtype=host.dtype, device=device)
             self._dev_slots = torch.empty((staging_tokens,), dtype=torch.int64, device=device)
@@ -190,6 +211,27 @@ class FlashD2HSaver:
         for a in range(0, t, self.max_tokens):
             b = min(t, a + self.max_tokens)
             self._save_piece(layer, key[a:b], None if value is None else value[a:b], slot_mapping[a:b])
+
+    def save_blocks(self, layer: int, key: torch.Tensor, value: torch.Tensor | None, block_ids) -> None:
+        """Save whole blocks: contiguous runs by the copy engine, the rest through `save` (see the module docstring)."""
+        host, bs = self.host, self.host.block_size
+        ids = block_ids.numpy() if isinstance(block_ids, torch.Tensor) and block_ids.device == _CPU else block_ids
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError("block_ids must be a 1-D sequence of ints on the CPU")
+        if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < host.num_logical_blocks:
+            raise ValueError(f"block_ids must be in [0, {host.num_logical_blocks}) (the store's blocks), "
+                             f"got [{int(ids.min())}, {int(ids.max())}]")
+        t = ids.size * bs
+        self._check_kv(layer, key, value, t)
+        plan = plan_block_runs(ids, bs * self._row_bytes, self.min_copy_bytes)
+        if plan.rest.size:
+            tokens = (plan.rest[:, None] * bs + np.arange(bs)).reshape(-1)
+            slots = torch.from_numpy((ids[plan.rest].astype(np.int64)[:, None] * bs + np.arange(bs)).reshape(-1))
+            rows = torch.from_numpy(tokens).to(self.device)
+            self.save(layer, key.index_select(0, rows), None if value is None else value.index_select(0, rows), slots)
+        if plan.runs:
+            self._copy_runs(layer, _block_layout(key[:t], None if value is None else value[:t], bs, plan), plan.runs)
 
     def save_inline(self, layer: int, key: torch.Tensor, value: torch.Tensor | None,
                     slot_mapping: torch.Tensor, saved: torch.Tensor | None = None) -> None:
@@ -255,17 +297,22 @@ class FlashD2HSaver:
 
     def _check_save(self, layer: int, key: torch.Tensor, value: torch.Tensor | None, slot_mapping: torch.Tensor) -> int:
         """Validate one save's arguments (no tensor values are read); returns T."""
-        if self._closed:
-            raise ValueError("save() after close()")
-        host = self.host
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < host.num_layers:
-            raise ValueError(f"layer must be an integer in [0, {host.num_layers}), got {layer!r}")
         if (not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1
                 or slot_mapping.dtype not in (torch.int32, torch.int64)):
             raise ValueError("slot_mapping must be a 1-D int32 or int64 tensor")
         if slot_mapping.device not in (self.device, _CPU):
             raise ValueError(f"slot_mapping must be on {self.device} or the CPU, got {slot_mapping.device}")
         t = slot_mapping.numel()
+        self._check_kv(layer, key, value, t)
+        return t
+
+    def _check_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor | None, t: int) -> None:
+        """Validate the layer and the K/V of a save of t tokens."""
+        if self._closed:
+            raise ValueError("save() after close()")
+        host = self.host
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < host.num_layers:
+            raise ValueError(f"layer must be an integer in [0, {host.num_layers}), got {layer!r}")
         width = 2 * host.head_dim if value is None else host.head_dim
         for name, x in (("key", key), ("value", value)):
             if x is None:
@@ -277,13 +324,35 @@ class FlashD2HSaver:
                 raise ValueError(f"{name} dtype must be the host store's {host.dtype}, got {x.dtype}")
             if x.device != self.device:
                 raise ValueError(f"{name} must be on {self.device}, got {x.device}")
-        return t
+
+    def _copy_runs(self, layer: int, blocks: torch.Tensor, runs: list[tuple[int, int]]) -> None:
+        """`blocks` ([k, Hkv, block_size, 2D], the runs' blocks in order) -> `host.kv[layer]`, one copy per run."""
+        dst, uva = self.host.kv[layer], self.mode == "uva"
+        if uva:
+            self._commit()  # earlier ring saves go first on the side stream
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        else:
+            self._drain()  # earlier saves of these slots land first
+        with torch.cuda.stream(self._stream) if uva else contextlib.nullcontext():
+            i = 0
+            for first, n in runs:
+                dst[first:first + n].copy_(blocks[i:i + n], non_blocking=uva)
+                i += n
+            if uva:
+                blocks.record_stream(self._stream)  # the caching allocator keeps it until the copies are done
+                if self._copied is None:
+                    self._copied = torch.cuda.Event(blocking=True)
+                self._copied.record(self._stream)
+                self._unflushed = True
 
     def _drain(self) -> None:
-        """Commit, then block until every committed piece is done (its scatter tasks finished, staged)."""
+        """Commit, then block until every committed piece and `save_blocks` copy is done (its scatter tasks
+        finished, staged)."""
         self._commit()
         while self._inflight:
             self._retire(self._inflight.popleft(), block=True)
+        if self._copied is not None:
+            self._copied.synchronize()
 
     def _retire(self, piece: _Piece, block: bool) -> None:
         """Free the piece's ring rows: after its scatter, for the host (`block`) or for the current stream (uva)."""
@@ -396,6 +465,20 @@ class FlashD2HSaver:
         block = slots // bs
         rows = ((layers * nb + block)[:, None] * self.host.num_kv_heads + self._heads) * bs + (slots - block * bs)[:, None]
         self._host_rows[rows.reshape(-1)] = src.reshape(-1)
+
+
+def _block_layout(key: torch.Tensor, value: torch.Tensor | None, block_size: int, plan) -> torch.Tensor:
+    """The blocks `plan.order` of a whole-block save in the host store's layout, `[k, Hkv, block_size, 2D]`, packed
+    by one strided copy per K and V (and, unless the order is the save's own, one gather each before it)."""
+    m, h = key.shape[0] // block_size, key.shape[1]
+    width = key.shape[2] if value is None else 2 * key.shape[2]
+    out = torch.empty((plan.order.size, h, block_size, width), dtype=key.dtype, device=key.device)
+    order = None if plan.identity else torch.from_numpy(plan.order).to(key.device)
+    parts = ((key, out),) if value is None else ((key, out[..., :key.shape[2]]), (value, out[..., key.shape[2]:]))
+    for x, o in parts:
+        x = x.reshape(m, block_size, h, x.shape[2])
+        o.copy_((x if order is None else x.index_select(0, order)).transpose(1, 2))
+    return out
 
 
 def _pack(key: torch.Tensor, value: torch.Tensor | None, out: torch.Tensor) -> None:

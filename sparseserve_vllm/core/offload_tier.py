@@ -23,7 +23,9 @@ Contract (all ids are LOGICAL: vLLM's block ids index the host store, which is l
                                     -1 entries (padding) give -1, which indexes the trash page;
     `resolve(layer, flat_pages)`    selected pages -> cache slots, missing ones loaded by one FlashH2D launch;
     `gather_context(...)`           a request's whole context of one layer into a scratch buffer (dense prefill);
-    `save(layer, k, v, slots)`      FlashD2H through the saver's ring and side stream (prefill and mixed steps), or
+    `save(layer, k, v, slots)`      FlashD2H through the saver's ring and side stream (prefill and mixed steps;
+                                    `save_blocks(layer, k, v, block_ids)` for whole blocks whose ids the host
+                                    knows: a layer-segmented prompt), or
     `save_inline(layer, k, v, slots)` on the current stream (decode-only steps, CUDA-graph capturable): the new
                                     tokens to host DRAM, last, so that the loads above wait only for earlier saves.
                                     `staging_tokens` sizes the saver's ring (default 2 x `max_tokens`); a save
@@ -134,6 +136,10 @@ class OffloadTier:
     def save(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.saver.save(layer, key, value, slot_mapping)  # -1 slots are padding; rows past len(slot_mapping) ignored
         self._count_saved(slot_mapping)
+
+    def save_blocks(self, layer: int, key: torch.Tensor, value: torch.Tensor, block_ids) -> None:
+        self.saver.save_blocks(layer, key, value, block_ids)  # whole blocks, ids on the CPU
+        self._tokens_d2h += len(block_ids) * self.host.block_size
 
     def save_inline(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         self.saver.save_inline(layer, key, value, slot_mapping, saved=self._tokens_d2h)  # the kernel counts

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from sparseserve_vllm import stats
+from sparseserve_vllm.core import flash_d2h
 from tests.conftest import abort_and_drain, engine, greedy
 
 pytestmark = pytest.mark.engine
@@ -32,8 +33,19 @@ def delta(before, after):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_same_tokens_as_plain_prefill_with_decodes_in_the_same_steps(tiny_model, family):
+def test_same_tokens_as_plain_prefill_with_decodes_in_the_same_steps(tiny_model, family, monkeypatch, tmp_path):
     model = tiny_model(family, num_layers=LAYERS)
+    copies = []
+    if family == "llama":  # the prompts' whole blocks as one copy per run of ids (qwen2: the tiny blocks of 64 KiB
+        monkeypatch.setattr(flash_d2h, "MIN_COPY_BYTES", 0)  # are below the default, so all go through the ring)
+        copy_runs = flash_d2h.FlashD2HSaver._copy_runs
+        monkeypatch.setattr(flash_d2h.FlashD2HSaver, "_copy_runs",
+                            lambda self, *a: (copies.append(len(a[2])), copy_runs(self, *a)))
+        # The worker in this process (it sees the patches), its counters alone in a fresh directory, a fresh gauge.
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        stats.ensure_stats_dir()  # the session's directory exists first, so the one below is undone to it
+        monkeypatch.setenv(stats.ENV_DIR, str(tmp_path))
+        monkeypatch.setitem(stats.process_counters().values, "segment_peak_bytes", 0)
     # Plain prefill: every prompt in one step, KV in HBM.
     with engine(model, "sparseserve", SS, max_model_len=1024, max_num_batched_tokens=1024) as llm:
         reference = greedy(llm, prompts(), max_tokens=24)
@@ -44,6 +56,7 @@ def test_same_tokens_as_plain_prefill_with_decodes_in_the_same_steps(tiny_model,
         after = stats.read_totals()
     assert all(len(set(t)) >= 3 for t in reference), reference  # a real continuation
     assert got == reference
+    assert len(copies) >= (LAYERS * 2 if family == "llama" else 0), copies  # each prompt's blocks, every layer
     d = delta(before, after)
     # Each long prompt, its last token too, through every layer, exactly once; the step that ran each last token took
     # its attention output from the prefill in every layer (no context reloaded).

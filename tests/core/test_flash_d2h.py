@@ -286,3 +286,65 @@ def test_inline_saves_interleave_with_ring_saves_and_are_sync_free(mode, monkeyp
                           torch.zeros((2, 2, 4), dtype=torch.float16, device=DEVICE), bad)
         with pytest.raises(ValueError, match="1 token"):
             saver.wait_all()
+
+
+def block_slots(ids, block_size):
+    return (torch.as_tensor(ids)[:, None] * block_size + torch.arange(block_size)).reshape(-1)
+
+
+# min_copy_bytes: 0 = every run by one copy; 2 blocks = runs of >= 2 blocks copied, single blocks through the ring;
+# 1 << 30 = every block through the ring. Store blocks hold 2 heads x 8 tokens x 8 elements of 4 bytes = 512 B.
+@pytest.mark.parametrize("min_copy_bytes", [0, 1024, 1 << 30])
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_save_blocks_interleaved_with_ring_saves_match_python_reference(mode, min_copy_bytes, monkeypatch):
+    """Whole-block saves (shuffled ids: runs of several blocks and single ones) between ring saves of the same
+    slots, whose scatters are held back: every later save wins, packed KV too, rows past the blocks ignored."""
+    monkeypatch.setattr(flash_d2h, "_COMMIT_BYTES", 1)
+    hold_back(monkeypatch, mode, lambda i: True)
+    gen = torch.Generator().manual_seed(min_copy_bytes % 97)
+    store = make_store(torch.float32, blocks=12)
+    ref = store.kv.double().clone()
+    bs = store.block_size
+    with FlashD2HSaver(store, max_tokens=16, num_threads=2, device=DEVICE, mode=mode, num_sms=2,
+                       min_copy_bytes=min_copy_bytes) as saver:
+        for step in range(3):
+            for layer in range(store.num_layers):
+                slots = random_slots(10, store.num_tokens, gen, pad=2)
+                kv = torch.randn((10, 2, 8), generator=gen)
+                reference_save(ref, layer, kv, None, slots, bs)
+                saver.save(layer, kv.to(DEVICE), None, slots.to(DEVICE))
+                ids = [3, 4, 5, 9, 0, 1, 7][step:] + [10 + step % 2]  # runs [0,1], [3..5], singles
+                random.Random(step * 3 + layer).shuffle(ids)
+                t = len(ids) * bs
+                packed = layer == 1
+                key = torch.randn((t + 3, 2, 8 if packed else 4), generator=gen)
+                value = None if packed else torch.randn((t + 3, 2, 4), generator=gen)
+                reference_save(ref, layer, key[:t], None if packed else value[:t], block_slots(ids, bs), bs)
+                k, v = key.to(DEVICE), None if packed else value.to(DEVICE)
+                saver.save_blocks(layer, k, v, ids if layer else torch.tensor(ids))
+                k.fill_(float("nan"))  # the caller's buffers are reused after save_blocks
+        saver.flush()
+        loaded = store.kv.to(DEVICE, non_blocking=True)  # queued on the current stream after flush()
+        assert torch.equal(loaded.double().cpu(), ref)
+        saver.wait_all()
+        assert torch.equal(store.kv.double(), ref)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_save_blocks_bad_arguments_name_the_argument(mode):
+    store = make_store(torch.float32)
+    saver = FlashD2HSaver(store, max_tokens=4, num_threads=1, device=DEVICE, mode=mode)
+    k = torch.zeros((16, 2, 4), device=DEVICE)
+    with pytest.raises(ValueError, match=r"block_ids must be in \[0, 10\)"):
+        saver.save_blocks(0, k, k, [2, 10])
+    with pytest.raises(ValueError, match="distinct"):
+        saver.save_blocks(0, k, k, [2, 2])
+    with pytest.raises(ValueError, match="1-D sequence of ints"):
+        saver.save_blocks(0, k, k, [[1, 2]])
+    with pytest.raises(ValueError, match=r"key must be \[>= 24"):
+        saver.save_blocks(0, k, k, [1, 2, 3])
+    with pytest.raises(ValueError, match="min_copy_bytes"):
+        FlashD2HSaver(store, max_tokens=4, min_copy_bytes=-1)
+    saver.save_blocks(0, k, k, [])  # nothing to save
+    saver.close()
+    assert (store.kv == SENTINEL).all()
