@@ -143,11 +143,13 @@ def tune(a, q, kv_pages, meta, block_table, seq_lens, nf, scale, wrapper, out) -
     page, ppb, hkv = a.page_size, a.block_size // a.page_size, a.num_kv_heads
     mass_scale = scale if a.gqa_reduce == "mass" else None
     res: dict[str, dict] = {"score": {}, "select": {}, "attention": {}}
-    saved = dict(page_scores.SCORE_LAUNCH), dict(page_topk.SELECT_LAUNCH), dict(sparse_decode.ATTN_LAUNCH)
+    # the launch dict of the reduction being timed: "sum" folds the heads, the others score each head
+    score_launch = page_scores.SCORE_LAUNCH if a.gqa_reduce == "sum" else page_scores.SCORE_LAUNCH_PER_HEAD
+    saved = dict(score_launch), dict(page_topk.SELECT_LAUNCH), dict(sparse_decode.ATTN_LAUNCH)
     try:
         for elems in (4096, 8192, 16384, 32768):
             for nw in (4, 8):
-                page_scores.SCORE_LAUNCH.update(tile_elems=elems, num_warps=nw)
+                score_launch.update(tile_elems=elems, num_warps=nw)
                 res["score"][f"tile_elems={elems},warps={nw}"], _ = time_cuda(
                     lambda: score_pages(q, meta, block_table, nf, selector=a.selector, page_size=page, ppb=ppb,
                                         num_kv_heads=hkv, gqa_reduce=a.gqa_reduce, scale=mass_scale,
@@ -175,7 +177,7 @@ def tune(a, q, kv_pages, meta, block_table, seq_lens, nf, scale, wrapper, out) -
                         except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record it
                             res["attention"][key] = repr(exc)[:200]
     finally:
-        page_scores.SCORE_LAUNCH.update(saved[0])
+        score_launch.update(saved[0])
         page_topk.SELECT_LAUNCH.update(saved[1])
         sparse_decode.ATTN_LAUNCH.update(saved[2])
     for name, d in res.items():

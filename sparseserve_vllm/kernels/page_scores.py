@@ -33,14 +33,17 @@ the output ``out[b, h, p]`` (float32, accumulated in fp32) for ``p < num_full_pa
 read. All three scores are linear in per-head query vectors once the sign of ``q_i`` is known, so with ``"sum"`` the
 G heads are folded into two D-vectors before touching metadata (quest uses ``max(q*max, q*min) = max(q,0)*max +
 min(q,0)*min``, exact whenever ``min <= max``, which ``build_page_metadata`` guarantees); with ``"max"``,
-``"mass"`` and ``"zmax"`` each head is scored against the same metadata tile (G times the multiply-adds, the same
-bytes read); ``"mass"`` and ``"zmax"`` write the per-head scores (``"mass"``: scaled) to ``head_scores`` and a second
+``"mass"`` and ``"zmax"`` each head is scored against the same metadata: per KV head one matrix product of its
+pages' metadata rows ``[BLOCK_P, M*D]`` and the group's weight rows (padded to 16 heads) on the tensor cores (in
+the inputs' 16-bit dtype when q and meta share it, where the weights are exact; else fp32 at tf32x3 precision; the
+same bytes read as ``"sum"``); ``"mass"`` and ``"zmax"`` write the per-head scores (``"mass"``: scaled) to ``head_scores`` and a second
 kernel (one program per request and KV head) writes ``out``: for ``"mass"`` two passes over the pages (each head's
 log-sum-exp online, then the log of the summed probabilities), for ``"zmax"`` three (means, deviations, the maximum
 standardized score). The torch path does the same with two ``logsumexp`` reductions, or mean and standard
 deviation.
 
-The Triton kernel runs one program per (request, block of ``BLOCK_P`` logical pages) covering ALL KV heads, so
+The Triton kernel runs one program per (request, block of ``BLOCK_P`` logical pages) covering ALL KV heads
+(``SCORE_LAUNCH`` sizes ``"sum"``'s tile, ``SCORE_LAUNCH_PER_HEAD`` the others'), so
 with the shared layout it reads each vLLM block's metadata (``Hkv * ppb`` consecutive slots) as one contiguous
 chunk, and every metadata row exactly once. A block past the request's full pages (the grid is sized for the
 longest context the plan allows) only writes ``-inf``, so the scoring follows the batch's contexts (the combining
@@ -55,7 +58,7 @@ import triton
 import triton.language as tl
 
 from ..config import GQA_REDUCES
-from .pages import num_meta_vectors, resolve_backend
+from .pages import num_meta_vectors, resolve_backend, triton_interpreting
 
 SELECTOR_CODES = {"quest": 0, "cuboid_mean": 1, "mean": 2}
 REDUCE_CODES = {"sum": 0, "max": 1, "mass": 2, "zmax": 3}
@@ -64,6 +67,8 @@ ZMAX_MIN_STD = 1e-6  # the smallest standard deviation "zmax" divides by (a head
 # Launch configuration (tuned on H200 by benchmarks/bench_sparse_decode.py --tune).
 # tile_elems bounds BLOCK_P * Hkv * M * D (rounded to powers of two): the [pages, heads, M*D] tile per program.
 SCORE_LAUNCH = {"tile_elems": 16384, "num_warps": 8}
+# The per-head reductions ("max", "mass", "zmax"): tile_elems bounds BLOCK_P * M * D, one KV head's tile.
+SCORE_LAUNCH_PER_HEAD = {"tile_elems": 16384, "num_warps": 4}
 
 
 def check_gqa_reduce(gqa_reduce) -> None:
@@ -203,12 +208,10 @@ def _query_weights(qe, first, SELECTOR: tl.constexpr):
 
 
 @triton.jit
-def _score_page_block(q_ptr, meta_ptr, bt_ptr, out_ptr, head_ptr, stride_qb, stride_qh, stride_mn, stride_mm,
-                      stride_btb, stride_ob, stride_oh, stride_hb, stride_hh, n_pages, ppb, scale, b, p, nf,
-                      hh, hmask, j, jmask, which, col, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                      M: tl.constexpr, SELECTOR: tl.constexpr, REDUCE: tl.constexpr, BLOCK_P: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Scores of the block of pages `p` of request `b`, which holds at least one full page."""
+def _score_page_block(q_ptr, meta_ptr, bt_ptr, out_ptr, stride_qb, stride_qh, stride_mn, stride_mm, stride_btb,
+                      stride_ob, stride_oh, n_pages, ppb, b, p, nf, hh, hmask, jmask, which, col, HKV: tl.constexpr,
+                      G: tl.constexpr, SELECTOR: tl.constexpr, BLOCK_G: tl.constexpr):
+    """`sum` scores of the block of pages `p` of request `b`, which holds at least one full page."""
     valid = (p < nf) & (p < n_pages)
     blk = tl.load(bt_ptr + b * stride_btb + p // ppb, mask=valid, other=0).to(tl.int64)
     slot = (blk[:, None] * HKV + hh[None, :]) * ppb + (p % ppb)[:, None]            # [P, H]
@@ -216,33 +219,58 @@ def _score_page_block(q_ptr, meta_ptr, bt_ptr, out_ptr, head_ptr, stride_qb, str
     mt = tl.load(rows, mask=valid[:, None, None] & hmask[None, :, None] & jmask[None, None, :],
                  other=0.0).to(tl.float32)                                           # [P, H, MD]
     q_row = q_ptr + b * stride_qb + col
-    if REDUCE != 0:
-        # Each query head of the group against the same metadata tile: keep the maximum (REDUCE 1) or store the
-        # per-head scores (x scale) for the mass (REDUCE 2) or zmax (REDUCE 3) combination.
-        s = tl.full((BLOCK_P, BLOCK_H), float("-inf"), tl.float32)
-        for gi in tl.static_range(G):
-            qe = tl.load(q_row[None, :] + (hh[:, None] * G + gi) * stride_qh,
-                         mask=hmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)   # [H, MD]
-            w = _query_weights(qe, (which == 0)[None, :], SELECTOR)
-            sg = tl.sum(mt * w[None, :, :], axis=2)                                  # [P, H]
-            if REDUCE == 1:
-                s = tl.maximum(s, sg)
-            else:
-                tl.store(head_ptr + b * stride_hb + (hh[None, :] * G + gi) * stride_hh + p[:, None],
-                         tl.where(valid[:, None], sg * scale, float("-inf")),
-                         mask=(p < n_pages)[:, None] & hmask[None, :])
-    else:
-        # The G heads of each KV head folded by the selector's sign rule into one weight row.
-        g = tl.arange(0, BLOCK_G)
-        qe = tl.load(q_row[None, None, :] + (hh[:, None, None] * G + g[None, :, None]) * stride_qh,
-                     mask=hmask[:, None, None] & (g < G)[None, :, None] & jmask[None, None, :],
-                     other=0.0).to(tl.float32)                                      # [H, G, MD]
-        w = tl.sum(_query_weights(qe, (which == 0)[None, None, :], SELECTOR), axis=1)   # [H, MD]
-        s = tl.sum(mt * w[None, :, :], axis=2)                                       # [P, H]
-    if REDUCE < 2:
-        s = tl.where(valid[:, None], s, float("-inf"))
-        tl.store(out_ptr + b * stride_ob + hh[None, :] * stride_oh + p[:, None], s,
-                 mask=(p < n_pages)[:, None] & hmask[None, :])
+    # The G heads of each KV head folded by the selector's sign rule into one weight row.
+    g = tl.arange(0, BLOCK_G)
+    qe = tl.load(q_row[None, None, :] + (hh[:, None, None] * G + g[None, :, None]) * stride_qh,
+                 mask=hmask[:, None, None] & (g < G)[None, :, None] & jmask[None, None, :],
+                 other=0.0).to(tl.float32)                                          # [H, G, MD]
+    w = tl.sum(_query_weights(qe, (which == 0)[None, None, :], SELECTOR), axis=1)       # [H, MD]
+    s = tl.sum(mt * w[None, :, :], axis=2)                                           # [P, H]
+    s = tl.where(valid[:, None], s, float("-inf"))
+    tl.store(out_ptr + b * stride_ob + hh[None, :] * stride_oh + p[:, None], s,
+             mask=(p < n_pages)[:, None] & hmask[None, :])
+
+
+@triton.jit
+def _score_page_block_per_head(q_ptr, meta_ptr, bt_ptr, out_ptr, head_ptr, stride_qb, stride_qh, stride_mn,
+                               stride_mm, stride_btb, stride_ob, stride_oh, stride_hb, stride_hh, n_pages, ppb,
+                               scale, b, p, nf, hh, hmask, jmask, which, col, HKV: tl.constexpr,
+                               G: tl.constexpr, SELECTOR: tl.constexpr, REDUCE: tl.constexpr,
+                               BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_GD: tl.constexpr,
+                               DOT_NATIVE: tl.constexpr):
+    """Every query head's score of the block of pages `p` of request `b` (which holds at least one full page): per
+    KV head one matrix product `meta rows [P, M*D] x weights [M*D, G]` on the tensor cores (the group padded to
+    BLOCK_GD >= 16 columns). `max` (REDUCE 1) keeps the group's maximum in `out`; `mass` (2) and `zmax` (3) store the
+    per-head scores (x scale) in `head_ptr` for the combining kernel. DOT_NATIVE: q and meta share a 16-bit dtype,
+    in which the weights (q, |q| or its signed parts) are exact, so the product runs in it (fp32 accumulation, exact
+    products); otherwise in fp32 at tf32x3 precision."""
+    valid = (p < nf) & (p < n_pages)
+    blk = tl.load(bt_ptr + b * stride_btb + p // ppb, mask=valid, other=0).to(tl.int64)
+    gd = tl.arange(0, BLOCK_GD)
+    gmask = gd < G
+    q_row = q_ptr + b * stride_qb + col
+    s = tl.full((BLOCK_P, BLOCK_H), float("-inf"), tl.float32)
+    for h in tl.static_range(HKV):
+        slot = (blk * HKV + h) * ppb + p % ppb                                       # [P]
+        mt = tl.load(meta_ptr + slot[:, None] * stride_mn + (which * stride_mm + col)[None, :],
+                     mask=valid[:, None] & jmask[None, :], other=0.0)                # [P, MD]
+        qe = tl.load(q_row[None, :] + (h * G + gd)[:, None] * stride_qh, mask=gmask[:, None] & jmask[None, :],
+                     other=0.0).to(tl.float32)                                       # [GD, MD]
+        w = _query_weights(qe, (which == 0)[None, :], SELECTOR)
+        if DOT_NATIVE:
+            sg = tl.dot(mt, tl.trans(w.to(mt.dtype)))                                # [P, GD] fp32
+        else:
+            sg = tl.dot(mt.to(tl.float32), tl.trans(w), input_precision="tf32x3")
+        if REDUCE == 1:
+            top = tl.max(tl.where(gmask[None, :], sg, float("-inf")), axis=1)        # [P]
+            s = tl.where(hh[None, :] == h, top[:, None], s)
+        else:
+            tl.store(head_ptr + b * stride_hb + (h * G + gd)[None, :] * stride_hh + p[:, None],
+                     tl.where(valid[:, None], sg * scale, float("-inf")),
+                     mask=(p < n_pages)[:, None] & gmask[None, :])
+    if REDUCE == 1:
+        tl.store(out_ptr + b * stride_ob + hh[None, :] * stride_oh + p[:, None],
+                 tl.where(valid[:, None], s, float("-inf")), mask=(p < n_pages)[:, None] & hmask[None, :])
 
 
 @triton.jit
@@ -253,6 +281,7 @@ def _score_pages_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, M: tl.constexpr, SELECTOR: tl.constexpr,
     REDUCE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_MD: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_GD: tl.constexpr, DOT_NATIVE: tl.constexpr,
 ):
     b = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -275,11 +304,15 @@ def _score_pages_kernel(
         else:
             tl.store(out_ptr + b * stride_ob + hh[None, :] * stride_oh + p[:, None], dead,
                      mask=(p < n_pages)[:, None] & hmask[None, :])
+    elif REDUCE == 0:
+        _score_page_block(q_ptr, meta_ptr, bt_ptr, out_ptr, stride_qb, stride_qh, stride_mn, stride_mm, stride_btb,
+                          stride_ob, stride_oh, n_pages, ppb, b, p, nf, hh, hmask, jmask, which, col, HKV, G,
+                          SELECTOR, BLOCK_G)
     else:
-        _score_page_block(q_ptr, meta_ptr, bt_ptr, out_ptr, head_ptr, stride_qb, stride_qh, stride_mn, stride_mm,
-                          stride_btb, stride_ob, stride_oh, stride_hb, stride_hh, n_pages, ppb, scale, b, p, nf,
-                          hh, hmask, j, jmask, which, col, HKV, G, D, M, SELECTOR, REDUCE, BLOCK_P, BLOCK_H,
-                          BLOCK_G)
+        _score_page_block_per_head(q_ptr, meta_ptr, bt_ptr, out_ptr, head_ptr, stride_qb, stride_qh, stride_mn,
+                                   stride_mm, stride_btb, stride_ob, stride_oh, stride_hb, stride_hh, n_pages, ppb,
+                                   scale, b, p, nf, hh, hmask, jmask, which, col, HKV, G, SELECTOR, REDUCE,
+                                   BLOCK_P, BLOCK_H, BLOCK_GD, DOT_NATIVE)
 
 
 @triton.jit
@@ -348,6 +381,12 @@ def _combine_zmax_kernel(head_ptr, out_ptr, stride_hb, stride_hh, stride_ob, str
         tl.store(out_ptr + b * stride_ob + h * stride_oh + p, tl.max(t, axis=0), mask=p < n_pages)
 
 
+def _native_dot_dtypes() -> tuple:
+    """The 16-bit dtypes whose matrix product the per-head scoring uses natively: the interpreter (numpy) has no
+    bfloat16 product, so there bf16 takes the fp32 path (the native one is tested on a GPU)."""
+    return (torch.float16,) if triton_interpreting() else (torch.bfloat16, torch.float16)
+
+
 def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, ppb, num_kv_heads, gqa_reduce="sum",
                 scale=None, head_scores=None, out=None, backend="auto"):
     """Page scores ``[B, Hkv, P]`` float32 (see module docstring); Triton on CUDA, torch on CPU by default."""
@@ -367,9 +406,15 @@ def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, pp
         head_scores = head_scores[:bsz, :, :n_pages]
     g = hq // num_kv_heads
     block_h = triton.next_power_of_2(num_kv_heads)
-    block_md = triton.next_power_of_2(meta.shape[1] * d)
-    block_p = max(1, min(128, SCORE_LAUNCH["tile_elems"] // (block_h * block_md)))
+    block_md = max(16, triton.next_power_of_2(meta.shape[1] * d))
+    if gqa_reduce == "sum":  # a [pages, heads, M*D] tile
+        launch = SCORE_LAUNCH
+        block_p = max(1, min(128, launch["tile_elems"] // (block_h * block_md)))
+    else:  # one [pages, M*D] tile per KV head, a matrix product (>= 16 rows)
+        launch = SCORE_LAUNCH_PER_HEAD
+        block_p = max(16, min(128, launch["tile_elems"] // block_md))
     head = out if head_scores is None else head_scores
+    native = q.dtype == meta.dtype and q.dtype in _native_dot_dtypes()
     _score_pages_kernel[(bsz, triton.cdiv(n_pages, block_p))](
         q, meta, block_table, num_full_pages, out, head,
         q.stride(0), q.stride(1), meta.stride(0), meta.stride(1), block_table.stride(0),
@@ -378,7 +423,8 @@ def score_pages(q, meta, block_table, num_full_pages, *, selector, page_size, pp
         HKV=num_kv_heads, G=g, D=d, M=meta.shape[1], SELECTOR=SELECTOR_CODES[selector],
         REDUCE=REDUCE_CODES[gqa_reduce],
         BLOCK_H=block_h, BLOCK_G=triton.next_power_of_2(g), BLOCK_MD=block_md, BLOCK_P=block_p,
-        num_warps=SCORE_LAUNCH["num_warps"],
+        BLOCK_GD=max(16, triton.next_power_of_2(g)), DOT_NATIVE=native,
+        num_warps=launch["num_warps"],
     )
     combine_block_p = max(16, min(1024, 4096 // triton.next_power_of_2(g)))
     if gqa_reduce == "mass":
