@@ -806,6 +806,67 @@ def plot_set13(results: Path, tag: str = "h200x2-2026-11-30") -> None:
     save(fig, results / f"set13-{tag}.png", bottom=0.14)
 
 
+PER_HEAD_STEPS = ("quest-zmax", "quest-sum")  # set 14's decode steps: before (call 5) and after (call 8) the change
+
+
+def plot_set14(results: Path, tag: str = "h200-2026-11-30") -> None:
+    """Tenth set: FlashD2H's whole-block saves by the copy engine, and layer-segmented prefill with them."""
+    d2h = load(results, f"flash-d2h-{tag}-blocks.json")
+    seg = load(results, f"segmented-prefill-{tag}-copy-engine.json")
+    prof = load(results, f"segmented-profile-{tag}-copy-engine.json")
+    steps = {(kind, name): load(results, f"sparse-decode-{tag}-b64-ctx32k-{name}{suffix}.json")
+             for kind, suffix in (("before", ""), ("after", "-dot")) for name in PER_HEAD_STEPS}
+    if d2h is None or seg is None or prof is None or None in steps.values():
+        return
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(25, 5.6))
+    for i, row in enumerate(d2h["results"]):
+        names = ["scatter kernel\n(ring, 8 SMs)"] + [f"copy engine,\n{e['block_ids']} ids" for e in row["flash_d2h_blocks"]]
+        vals = [row["flash_d2h_uva"][0]["ratio"]] + [e["ratio"] for e in row["flash_d2h_blocks"]]
+        bars = ax1.bar([x + (i - 0.5) * 0.38 for x in range(len(vals))], vals, 0.38,
+                       color=("tab:cyan", "tab:blue")[i], label=f"{row['tokens']} tokens x 32 layers")
+        label_bars(ax1, bars, "{:.3f}", 7)
+    ax1.axhline(0.9, color="k", lw=0.8, ls="--", label="goal: 0.9x")
+    ax1.set_ylim(0.5, 1.05)
+    finish_axis(ax1, names, "FlashD2H GB/s / one contiguous D2H copy's GB/s",
+                "FlashD2H: scatter kernel vs whole blocks by the copy engine", fontsize=7)
+    ax1.legend(fontsize=8, loc="lower left")
+    runs = seg["runs"]
+    for i, key in enumerate(("mid_s", "long_s")):
+        alls = [runs[n][key[:-2] + "_all_s"] for n in ("plain", "segmented")]
+        bars = ax2.bar([x + (i - 0.5) * 0.38 for x in range(2)], [runs[n][key] for n in ("plain", "segmented")],
+                       0.38, color=("tab:green", "tab:olive")[i],
+                       label=("32K prompt" if i == 0 else "64K prompt") + " (median of 3, dots: each run)")
+        for bar, xs in zip(bars, alls):
+            ax2.plot([bar.get_x() + bar.get_width() / 2] * len(xs), xs, "k.", ms=4)
+        label_bars(ax2, bars, "{:.3f}", 8)
+    finish_axis(ax2, ["plain (offload off,\none step)", "layer-segmented\n(offload on)"], "time to first token (s)",
+                f"Prefill alone: segmented / plain = {seg['segmented_vs_plain_mid_s']:.3f}x (32K), "
+                f"{seg['segmented_vs_plain_long_s']:.3f}x (64K)", fontsize=8)
+    diff = prof["segmented_minus_plain_ms"]
+    cats = [c for c in diff if abs(diff[c]) >= 1.0]
+    bars = ax3.bar(range(len(cats)), [diff[c] for c in cats], 0.6,
+                   color=["tab:gray" if diff[c] > 0 else "tab:green" for c in cats], label="segmented - plain")
+    label_bars(ax3, bars, "{:.1f}", 8)
+    ax3.axhline(0, color="k", lw=0.6)
+    finish_axis(ax3, cats, "kernel ms, segmented minus plain (32K, profiled)",
+                f"Where segmented spends more: busy {prof['segmented_vs_plain_busy']:.3f}x, "
+                f"TTFT {prof['segmented_vs_plain_profiled_ttft']:.3f}x\n(D2H copies run beside compute on a side stream)",
+                fontsize=8, rotation=20)
+    for i, kind in enumerate(("before", "after")):
+        vals = [steps[kind, name]["times_us"]["wrapper_run"] for name in PER_HEAD_STEPS]
+        bars = ax4.bar([x + (i - 0.5) * 0.38 for x in range(len(vals))], vals, 0.38,
+                       color=("tab:gray", "tab:purple")[i],
+                       label=("each head by multiply-adds" if i == 0 else "each KV head by one matrix product"))
+        label_bars(ax4, bars, "{:.0f}", 8)
+    sums = [steps["after", name]["times_us"]["wrapper_run"] for name in PER_HEAD_STEPS if name.endswith("-sum")]
+    ax4.axhline(sums[0], color="k", lw=0.8, ls=":", label="quest, sum (folds the heads)")
+    finish_axis(ax4, [n.replace("-", "\n") for n in PER_HEAD_STEPS], "us per decode step (batch 64 x 32K, budget 2048)",
+                "Per-head page scores on the tensor cores", fontsize=8)
+    fig.suptitle("Tenth set, NVIDIA H200, 2026-11-30 (13:15-13:40 UTC): FlashD2H whole-block saves by the copy engine, "
+                 "per-head scoring by matrix products", fontsize=10)
+    save(fig, results / f"set14-{tag}.png", bottom=0.04)
+
+
 PASSKEY_FILES = ("passkey-smollm2-cpu.json", "passkey-smollm2-cpu-gqa-max.json", "passkey-smollm2-cpu-gqa-mean-max.json",
                  "passkey-smollm2-cpu-mean-mass.json", "passkey-smollm2-cpu-gqa-mass.json",
                  "passkey-smollm2-cpu-gqa-zmax.json")
@@ -896,6 +957,7 @@ def main() -> None:
     plot_set11(results)
     plot_set12(results)
     plot_set13(results)
+    plot_set14(results)
     plot_accuracy(results)
 
 
