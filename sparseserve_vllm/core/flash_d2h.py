@@ -2,9 +2,9 @@
 
 Contract:
 - `FlashD2HSaver(host, max_tokens, num_threads=4, *, staging_tokens=2*max_tokens, device=None, mode=None,
-  num_sms=8, tile_bytes=16384, min_copy_bytes=MIN_COPY_BYTES)` saves into `host.kv` (a `HostKVStore`). `device`: where the new KV lives (default: the current
-  CUDA device when the store is pinned, else the CPU). `mode`: "uva" (the default on a CUDA device, which it
-  needs) or "staged" (the default and only mode on the CPU). `max_tokens`: the most tokens staged as one part (a
+  num_sms=8, tile_bytes=16384, min_copy_bytes=MIN_COPY_BYTES)` saves into `host.kv` (a `HostKVStore`).
+  `device`: where the new KV lives (default: the current CUDA device when the store is pinned, else the CPU).
+  `mode`: "uva" (the default on a CUDA device, which it needs) or "staged" (the default and only mode on the CPU). `max_tokens`: the most tokens staged as one part (a
   larger save is cut into parts). `staging_tokens` (>= max_tokens): the staging ring's rows. `num_threads`:
   staged mode's scatter threads; `num_sms`: uva mode's scatter programs (the SMs it may take from compute; 8
   move as many GB/s as 16 and slow a layer-segmented prefill less: benchmarks/results/README.md, 13b);
@@ -215,8 +215,9 @@ class FlashD2HSaver:
     def save_blocks(self, layer: int, key: torch.Tensor, value: torch.Tensor | None, block_ids) -> None:
         """Save whole blocks: contiguous runs by the copy engine, the rest through `save` (see the module docstring)."""
         host, bs = self.host, self.host.block_size
-        ids = block_ids.numpy() if isinstance(block_ids, torch.Tensor) and block_ids.device == _CPU else block_ids
-        ids = np.asarray(ids)
+        if isinstance(block_ids, torch.Tensor) and block_ids.device != _CPU:
+            raise ValueError(f"block_ids must be on the CPU (the host plans the copies), got {block_ids.device}")
+        ids = np.asarray(block_ids.numpy() if isinstance(block_ids, torch.Tensor) else block_ids)
         if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
             raise ValueError("block_ids must be a 1-D sequence of ints on the CPU")
         if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < host.num_logical_blocks:

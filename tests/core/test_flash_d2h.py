@@ -341,6 +341,9 @@ def test_save_blocks_bad_arguments_name_the_argument(mode):
         saver.save_blocks(0, k, k, [2, 2])
     with pytest.raises(ValueError, match="1-D sequence of ints"):
         saver.save_blocks(0, k, k, [[1, 2]])
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="block_ids must be on the CPU"):
+            saver.save_blocks(0, k, k, torch.tensor([1, 2], device=DEVICE))
     with pytest.raises(ValueError, match=r"key must be \[>= 24"):
         saver.save_blocks(0, k, k, [1, 2, 3])
     with pytest.raises(ValueError, match="min_copy_bytes"):
