@@ -39,8 +39,8 @@ the inputs' 16-bit dtype when q and meta share it, where the weights are exact; 
 same bytes read as ``"sum"``); ``"mass"`` and ``"zmax"`` write the per-head scores (``"mass"``: scaled) to
 ``head_scores`` and a second kernel (one program per request and KV head) writes ``out``: for ``"mass"`` two passes
 over the pages (each head's log-sum-exp online, then the log of the summed probabilities), for ``"zmax"`` three
-(means, deviations, the maximum standardized score). The torch path does the same with two ``logsumexp`` reductions, or mean and standard
-deviation.
+(means, deviations, the maximum standardized score). The torch path does the same with two ``logsumexp``
+reductions, or mean and standard deviation.
 
 The Triton kernel runs one program per (request, block of ``BLOCK_P`` logical pages) covering ALL KV heads
 (``SCORE_LAUNCH`` sizes ``"sum"``'s tile, ``SCORE_LAUNCH_PER_HEAD`` the others'), so
