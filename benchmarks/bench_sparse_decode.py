@@ -3,7 +3,7 @@
 One command does the whole measurement and prints one JSON object (also written to ``--out PATH``):
 
     python benchmarks/bench_sparse_decode.py [--batch 64] [--context 32768] [--budget 2048]
-        [--selector cuboid_mean] [--gqa-reduce sum|max|mass] [--page-size 32] [--block-size 32] [--iters 100]
+        [--selector cuboid_mean] [--gqa-reduce sum|max|mass|zmax] [--page-size 32] [--block-size 32] [--iters 100]
         [--out result.json]
 
 Setup (defaults = Llama-3.1-8B attention shape: Hq 32, Hkv 8, D 128, bf16): a random KV cache in the project's
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 
-from sparseserve_vllm.config import DEFAULT_GQA_REDUCE, GQA_REDUCES  # noqa: E402
+from sparseserve_vllm.config import GQA_REDUCES, SparseServeConfig  # noqa: E402
 from sparseserve_vllm.kernels import (SparseDecodeWrapper, alloc_split_workspace, build_page_metadata,  # noqa: E402
                                       choose_num_splits, flat_page_view, num_meta_vectors, pages_to_slots,
                                       score_pages, score_pages_torch, select_pages, select_pages_torch,
@@ -57,13 +57,14 @@ def parse_args(argv=None):
     p.add_argument("--selector", default="cuboid_mean", choices=["cuboid_mean", "quest", "mean"])
     p.add_argument("--gqa-reduce", default=None, choices=GQA_REDUCES,
                    help="how a KV head's query heads combine page scores (default: the selector's default)")
-    p.add_argument("--page-size", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=32, help="vLLM block size (a multiple of --page-size)")
+    p.add_argument("--page-size", type=int, default=None, help="default: the selector's (SparseServeConfig)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="vLLM block size, a multiple of --page-size (default: the page size, at least 32)")
     p.add_argument("--num-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--sink-pages", type=int, default=2)
-    p.add_argument("--recent-pages", type=int, default=2)
+    p.add_argument("--sink-pages", type=int, default=None, help="default: SparseServeConfig's for the page size")
+    p.add_argument("--recent-pages", type=int, default=None, help="default: SparseServeConfig's for the page size")
     p.add_argument("--iters", type=int, default=100, help="timed calls per measurement (>= 50)")
     p.add_argument("--graph-reps", type=int, default=10, help="calls captured per CUDA graph")
     p.add_argument("--check-requests", type=int, default=4, help="requests verified against torch")
@@ -73,7 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON result to this path")
     a = p.parse_args(argv)
-    a.gqa_reduce = a.gqa_reduce or DEFAULT_GQA_REDUCE[a.selector]
+    # Unset settings resolve as the plugin resolves them.
+    cfg = SparseServeConfig(selector=a.selector, token_budget=a.budget, page_size=a.page_size, sink_pages=a.sink_pages,
+                            recent_pages=a.recent_pages, gqa_reduce=a.gqa_reduce)
+    a.page_size, a.sink_pages, a.recent_pages = cfg.page_size, cfg.sink_pages, cfg.recent_pages
+    a.gqa_reduce = cfg.resolved_gqa_reduce
+    a.block_size = a.block_size or max(32, a.page_size)
     if a.iters < 50:
         p.error("--iters must be >= 50")
     if a.block_size % a.page_size:
@@ -145,7 +151,8 @@ def tune(a, q, kv_pages, meta, block_table, seq_lens, nf, scale, wrapper, out) -
     res: dict[str, dict] = {"score": {}, "select": {}, "attention": {}}
     # the launch dict of the reduction being timed: "sum" folds the heads, the others score each head
     score_launch = page_scores.SCORE_LAUNCH if a.gqa_reduce == "sum" else page_scores.SCORE_LAUNCH_PER_HEAD
-    saved = dict(score_launch), dict(page_topk.SELECT_LAUNCH), dict(sparse_decode.ATTN_LAUNCH)
+    attn_launch = sparse_decode.attn_launch(page)
+    saved = dict(score_launch), dict(page_topk.SELECT_LAUNCH), dict(attn_launch)
     try:
         for elems in (4096, 8192, 16384, 32768):
             for nw in (4, 8):
@@ -167,7 +174,7 @@ def tune(a, q, kv_pages, meta, block_table, seq_lens, nf, scale, wrapper, out) -
             for tile in (64, 128):
                 for nw in (4, 8):
                     for st in (2, 3):
-                        sparse_decode.ATTN_LAUNCH.update(TILE_TOKENS=tile, num_warps=nw, num_stages=st)
+                        attn_launch.update(TILE_TOKENS=tile, num_warps=nw, num_stages=st)
                         key = f"splits={splits},TILE={tile},warps={nw},stages={st}"
                         try:
                             res["attention"][key], _ = time_cuda(
@@ -179,7 +186,7 @@ def tune(a, q, kv_pages, meta, block_table, seq_lens, nf, scale, wrapper, out) -
     finally:
         score_launch.update(saved[0])
         page_topk.SELECT_LAUNCH.update(saved[1])
-        sparse_decode.ATTN_LAUNCH.update(saved[2])
+        attn_launch.update(saved[2])
     for name, d in res.items():
         timed = {k: v for k, v in d.items() if isinstance(v, float)}
         d["best"] = min(timed, key=timed.get) if timed else None

@@ -1,9 +1,10 @@
 """Per-selector attention-output error of SparseServe's sparse decode versus dense attention, on SmolLM2.
 
-Runs the built-in SmolLM2-135M-Instruct (transformers, CPU) over pass-key prompts of about `--context` tokens; in
+Runs the built-in SmolLM2-135M-Instruct (transformers, CPU) over pass-key prompts of about 7K tokens (`--filler`); in
 every layer, the last token's query attends (a) densely to the whole context and (b) through SparseServe's sparse
 decode path (`SparseDecodeWrapper`, torch backend: page metadata, GQA-aware top-k within the budget, attention
-over the chosen pages), for each selector, budget and GQA reduction (every `gqa_reduce`). Reports the
+over the chosen pages), for each selector (at its default page size and windows), budget and GQA reduction (every
+`gqa_reduce`). Reports the
 relative L2 error ||o_sparse - o_dense|| / ||o_dense|| (mean and max over layers and prompts) as JSON.
 
     python benchmarks/eval_attention_error.py --out benchmarks/results/attention-error-smollm2.json
@@ -25,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sparseserve_vllm.prompts import passkey_document  # noqa: E402
 from sparseserve_vllm.kernels import SparseDecodeWrapper, build_page_metadata, num_meta_vectors  # noqa: E402
-from sparseserve_vllm.config import DEFAULT_GQA_REDUCE, GQA_REDUCES  # noqa: E402
+from sparseserve_vllm.config import DEFAULT_GQA_REDUCE, GQA_REDUCES, SparseServeConfig  # noqa: E402
 from sparseserve_vllm.models import smollm2_dir  # noqa: E402
 
 SELECTORS = ("cuboid_mean", "quest", "mean")
+# Each selector's page geometry as the plugin resolves it by default: (page_size, sink_pages, recent_pages).
+GEOMETRY = {s: (c.page_size, c.sink_pages, c.recent_pages) for s in SELECTORS for c in [SparseServeConfig(selector=s)]}
 
 
 def paged(key, value, page_size=32, block_size=128):
@@ -66,13 +69,16 @@ def sparse_attention(q_last, layout, selector, budget, scale, page_size=32, bloc
 
 
 def sparse_vs_dense(q_last, key, value, scale, budgets):
-    """q_last [Hq, D]; key/value [Hkv, L, D]. Returns {(selector, budget, gqa_reduce): relative L2 error}."""
-    layout = paged(key, value)
+    """q_last [Hq, D]; key/value [Hkv, L, D]. Returns {(selector, budget, gqa_reduce): relative L2 error}, each
+    selector at its default page geometry."""
+    layouts = {page: paged(key, value, page_size=page) for page, _, _ in GEOMETRY.values()}
     dense = F.scaled_dot_product_attention(q_last[None, :, None].float(), key[None].float(), value[None].float(),
                                            scale=scale, enable_gqa=True)[0, :, 0]
     return {
         (selector, budget, reduce): float(
-            (sparse_attention(q_last, layout, selector, budget, scale, gqa_reduce=reduce) - dense).norm()
+            (sparse_attention(q_last, layouts[GEOMETRY[selector][0]], selector, budget, scale,
+                              page_size=GEOMETRY[selector][0], sink_pages=GEOMETRY[selector][1],
+                              recent_pages=GEOMETRY[selector][2], gqa_reduce=reduce) - dense).norm()
             / dense.norm())
         for selector in SELECTORS for budget in budgets for reduce in GQA_REDUCES
     }
@@ -111,7 +117,8 @@ def main() -> None:
             model(ids)
     result = {
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "prompt_tokens": lengths,
-        "page_size": 32, "layers": model.config.num_hidden_layers, "seconds": round(time.time() - t0, 1),
+        "page_size": {s: g[0] for s, g in GEOMETRY.items()},
+        "sink_recent_pages": {s: g[1:] for s, g in GEOMETRY.items()}, "layers": model.config.num_hidden_layers, "seconds": round(time.time() - t0, 1),
         "relative_l2_error": {
             f"{sel}@{b}/{reduce}": {"mean": statistics.fmean(v), "max": max(v), "n": len(v),
                                     "default_gqa_reduce": reduce == DEFAULT_GQA_REDUCE[sel]}

@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval_attention_error import SELECTORS, paged, sparse_attention  # noqa: E402
 
-from sparseserve_vllm.config import DEFAULT_GQA_REDUCE, GQA_REDUCES  # noqa: E402
+from sparseserve_vllm.config import GQA_REDUCES, SparseServeConfig  # noqa: E402
 from sparseserve_vllm.models import smollm2_dir  # noqa: E402
 from sparseserve_vllm.prompts import passkey_prompt  # noqa: E402
 
-MODE: dict = {"config": None}  # None: dense decode; (selector, budget): sparse decode
+MODE: dict = {"config": None}  # None: dense decode; a SparseServeConfig: sparse decode with its settings
 
 
 def main() -> None:
@@ -40,9 +40,10 @@ def main() -> None:
     ap.add_argument("--budgets", default="1024,2048")
     ap.add_argument("--new-tokens", type=int, default=7)
     ap.add_argument("--selectors", default=",".join(SELECTORS))
-    ap.add_argument("--page-size", type=int, default=32, choices=(8, 16, 32, 64, 128))
-    ap.add_argument("--sink-pages", type=int, default=2)
-    ap.add_argument("--recent-pages", type=int, default=2)
+    ap.add_argument("--page-size", type=int, default=None, choices=(8, 16, 32, 64, 128),
+                    help="default: each selector's default (`page_size` null in SparseServeConfig)")
+    ap.add_argument("--sink-pages", type=int, default=None, help="default: SparseServeConfig's for the page size")
+    ap.add_argument("--recent-pages", type=int, default=None, help="default: SparseServeConfig's for the page size")
     ap.add_argument("--dense-layers", type=int, default=0, help="the first N layers decode densely (`dense_layers`)")
     ap.add_argument("--gqa-reduce", choices=GQA_REDUCES, default=None,
                     help="how a KV head's query heads combine their page scores (`gqa_reduce`; default: the "
@@ -54,11 +55,11 @@ def main() -> None:
     def attention(module, query, key, value, attention_mask, scaling=None, **kw):
         if MODE["config"] is None or query.shape[2] != 1 or module.layer_idx < args.dense_layers:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
-        selector, budget = MODE["config"]
-        layout = paged(key[0], value[0], page_size=args.page_size)
-        out = sparse_attention(query[0, :, 0], layout, selector, budget, scaling, page_size=args.page_size,
-                               sink_pages=args.sink_pages, recent_pages=args.recent_pages,
-                               gqa_reduce=args.gqa_reduce)
+        cfg = MODE["config"]
+        layout = paged(key[0], value[0], page_size=cfg.page_size)
+        out = sparse_attention(query[0, :, 0], layout, cfg.selector, cfg.token_budget, scaling,
+                               page_size=cfg.page_size, sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages,
+                               gqa_reduce=cfg.resolved_gqa_reduce)
         return out[None, None].to(query.dtype), None
 
     AttentionInterface.register("sparseserve_eval", attention)
@@ -69,8 +70,15 @@ def main() -> None:
     for s in selectors:
         if s not in SELECTORS:
             raise SystemExit(f"--selectors: unknown selector {s!r}; allowed: {', '.join(SELECTORS)}")
-    configs = [None] + [(s, int(b)) for b in args.budgets.split(",") for s in selectors]
-    name = lambda c: "dense" if c is None else f"{c[0]}@{c[1]}"  # noqa: E731
+    # The settings as the plugin resolves them (`SparseServeConfig`: null page geometry and reduction per selector).
+    configs = [None] + [SparseServeConfig(selector=s, token_budget=int(b), page_size=args.page_size,
+                                          sink_pages=args.sink_pages, recent_pages=args.recent_pages,
+                                          gqa_reduce=args.gqa_reduce)
+                        for b in args.budgets.split(",") for s in selectors]
+    name = lambda c: "dense" if c is None else f"{c.selector}@{c.token_budget}"  # noqa: E731
+    first: dict = {}  # each selector's settings (the same at every budget)
+    for c in configs[1:]:
+        first.setdefault(c.selector, c)
     hits = {name(c): 0 for c in configs}
     answers = {name(c): [] for c in configs}
     lengths = []
@@ -98,9 +106,10 @@ def main() -> None:
                           "answers": {k: v[-1] for k, v in answers.items()}}), flush=True)
     result = {
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "placements": args.placements,
-        "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": args.page_size,
-        "sink_pages": args.sink_pages, "recent_pages": args.recent_pages, "dense_layers": args.dense_layers,
-        "gqa_reduce": {s: args.gqa_reduce or DEFAULT_GQA_REDUCE[s] for s in selectors},
+        "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": {s: c.page_size for s, c in first.items()},
+        "sink_pages": {s: c.sink_pages for s, c in first.items()},
+        "recent_pages": {s: c.recent_pages for s, c in first.items()}, "dense_layers": args.dense_layers,
+        "gqa_reduce": {s: c.resolved_gqa_reduce for s, c in first.items()},
         "seconds": round(time.time() - t0, 1),
         "accuracy": {k: v / args.placements for k, v in hits.items()}, "answers": answers,
     }

@@ -867,6 +867,51 @@ def plot_set14(results: Path, tag: str = "h200-2026-11-30") -> None:
     save(fig, results / f"set14-{tag}.png", bottom=0.04)
 
 
+QUEST_PAGE_PASSKEY = (("16-token pages", "passkey-smollm2-cpu-quest-zmax-page16.json"),
+                      ("32-token pages", "passkey-smollm2-cpu-gqa-zmax.json"),
+                      ("64-token pages (default)", "passkey-smollm2-cpu-quest-page64.json"))
+QUEST_PAGE_STEPS = (("quest, page 32,\n64-token tiles", "quest-zmax-p32-b128"),
+                    ("quest, page 64,\n64-token tiles", "quest-zmax-p64-tile64"),
+                    ("quest, page 64,\n128-token tiles\n(default)", "quest-zmax-p64"),
+                    ("cuboid_mean,\npage 64", "cuboid_mean-sum-p64"), ("mean,\npage 64", "mean-mass-p64"))
+
+
+def plot_set15(results: Path, tag: str = "h200-2026-11-30") -> None:
+    """Eleventh set: quest's page size (pass-key accuracy on CPU, decode step on the H200)."""
+    keys = [load(results, f) for _, f in QUEST_PAGE_PASSKEY]
+    keys40 = [load(results, f) for f in ("passkey-smollm2-cpu-quest-40-zmax.json", "passkey-smollm2-cpu-quest-40-page64.json")]
+    steps = [load(results, f"sparse-decode-{tag}-b64-ctx32k-{name}.json") for _, name in QUEST_PAGE_STEPS]
+    if None in keys or None in keys40 or None in steps:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(17, 5.6))
+    groups = [(f"{name}\n20 placements", d) for (name, _), d in zip(QUEST_PAGE_PASSKEY, keys)]
+    groups += [(f"{p}-token pages\n40 placements", d) for p, d in zip((32, 64), keys40)]
+    series = (("dense", "dense", "tab:gray"), ("quest@1024", "quest, budget 1024", "tab:orange"),
+              ("quest@2048", "quest, budget 2048", "tab:red"))
+    for i, (key, label, color) in enumerate(series):
+        xs = [g + (i - 1) * 0.27 for g, (_, d) in enumerate(groups) if key in d["accuracy"]]
+        vals = [round(d["accuracy"][key] * d["placements"]) for _, d in groups if key in d["accuracy"]]
+        bars = ax1.bar(xs, vals, 0.27, color=color, label=label)
+        label_bars(ax1, bars, "{:.0f}", 8)
+    finish_axis(ax1, [g for g, _ in groups], "placements where the pass key is found",
+                "Quest (zmax) on SmolLM2-135M, ~7.3K-token prompts: hits by page size", fontsize=8)
+    ax1.legend(fontsize=8, loc="lower right")
+    vals = [d["times_us"]["wrapper_run"] for d in steps]
+    bars = ax2.bar(range(len(vals)), vals, 0.6,
+                   color=["tab:gray", "tab:gray", "tab:red", "tab:blue", "tab:green"])
+    for bar, d in zip(bars, steps):
+        ax2.annotate(f"{bar.get_height():.0f} us\n{d['speedup_vs_vllm_fa3']:.2f}x FA3\n"
+                     f"{d['bandwidth_fraction_of_4.8TBps']['wrapper_run']:.0%} HBM",
+                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax2.set_ylim(0, max(vals) * 1.3)
+    finish_axis(ax2, [n for n, _ in QUEST_PAGE_STEPS], "us per decode step (batch 64 x 32K, budget 2048, block 128)",
+                f"Decode step; dense vLLM FA3 in the same runs: {steps[-1]['dense_baselines']['vllm_fa3']['us']:.0f} us",
+                fontsize=8)
+    fig.suptitle("Eleventh set, 2026-11-30: quest with 64-token pages (CPU pass key, NVIDIA H200 decode step)",
+                 fontsize=10)
+    save(fig, results / f"set15-{tag}.png", bottom=0.04)
+
+
 PASSKEY_FILES = ("passkey-smollm2-cpu.json", "passkey-smollm2-cpu-gqa-max.json", "passkey-smollm2-cpu-gqa-mean-max.json",
                  "passkey-smollm2-cpu-mean-mass.json", "passkey-smollm2-cpu-gqa-mass.json",
                  "passkey-smollm2-cpu-gqa-zmax.json")
@@ -958,6 +1003,7 @@ def main() -> None:
     plot_set12(results)
     plot_set13(results)
     plot_set14(results)
+    plot_set15(results)
     plot_accuracy(results)
 
 

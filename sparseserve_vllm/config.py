@@ -21,9 +21,16 @@ SELECTORS = ("cuboid_mean", "quest", "mean")
 GQA_REDUCES = ("sum", "max", "mass", "zmax")
 # How each selector combines the page scores of a KV head's query heads when `gqa_reduce` is null: the cheapest of
 # the most accurate in the pass-key evaluation (benchmarks/results/README.md, "Accuracy on CPU"). `mass` lets the
-# mean key reach dense accuracy at budgets 1024 and 2048; `zmax` brings quest closest to dense (37 of 40 placements
-# against `sum`'s 33, dense 38); cuboid_mean does as well with `sum` as with `mass` or `zmax`.
+# mean key reach dense accuracy at budgets 1024 and 2048; with 32-token pages `zmax` brought quest closest to dense
+# (37 of 40 placements against `sum`'s 33, dense 38); cuboid_mean does as well with `sum` as with `mass` or `zmax`.
 DEFAULT_GQA_REDUCE = {"cuboid_mean": "sum", "quest": "zmax", "mean": "mass"}
+# Each selector's page size when `page_size` is null, from the same evaluation: with 64-token pages quest finds the
+# key wherever dense attention does (18 of 20 placements and 38 of 40, at budgets 1024 and 2048); with 32-token
+# pages it lost one placement at 1024 (and one of 40 at 2048), with 16-token pages half of them. The means reach dense
+# accuracy with 32-token pages, which select at a finer grain.
+DEFAULT_PAGE_SIZE = {"cuboid_mean": 32, "quest": 64, "mean": 32}
+# `sink_pages` and `recent_pages` when null: two pages each, one when pages hold this many tokens or more.
+ONE_WINDOW_PAGE_FROM = 64
 
 
 class SparseServeConfigError(ValueError):
@@ -34,8 +41,9 @@ class SparseServeConfigError(ValueError):
 class SparseServeConfig:
     token_budget: int = 2048
     """Tokens each KV head attends to per decode step (sink + recent + top-scored pages)."""
-    page_size: int = 32
-    """Tokens per selectable page; must divide vLLM's KV block size."""
+    page_size: int | None = None
+    """Tokens per selectable page; must divide vLLM's KV block size (null: the selector's default, 64 for `quest`, 32
+    otherwise)."""
     selector: str = "cuboid_mean"
     """Page metadata and score: `cuboid_mean` (ArkVale), `quest` (min/max), `mean` (InfLLM)."""
     gqa_reduce: str | None = None
@@ -43,10 +51,11 @@ class SparseServeConfig:
     `mass` (each head's softmax over the pages, summed: the group's estimated attention mass on a page) or `zmax`
     (each head's scores standardized over the pages, then the maximum); null: the selector's default, `sum` for
     `cuboid_mean`, `zmax` for `quest`, `mass` for `mean`."""
-    sink_pages: int = 2
-    """Leading pages always attended."""
-    recent_pages: int = 2
-    """Most recent full pages always attended (the last, partly filled page is always attended too)."""
+    sink_pages: int | None = None
+    """Leading pages always attended (null: 2, or 1 with pages of 64 tokens or more)."""
+    recent_pages: int | None = None
+    """Most recent full pages always attended; the last, partly filled page is always attended too (null: 2, or 1
+    with pages of 64 tokens or more)."""
     dense_layers: int = 0
     """The first `dense_layers` decoder layers attend densely."""
     offload: bool = False
@@ -71,11 +80,11 @@ class SparseServeConfig:
 
     _RANGES: ClassVar[dict[str, str]] = {
         "token_budget": "an integer >= page_size",
-        "page_size": "a power of two between 8 and 256",
+        "page_size": "a power of two between 8 and 256, or null (the selector's default)",
         "selector": f"one of {', '.join(SELECTORS)}",
         "gqa_reduce": f"one of {', '.join(GQA_REDUCES)}, or null (the selector's default)",
-        "sink_pages": "an integer >= 0",
-        "recent_pages": "an integer >= 0",
+        "sink_pages": "an integer >= 0, or null (2, or 1 with pages of 64 tokens or more)",
+        "recent_pages": "an integer >= 0, or null (2, or 1 with pages of 64 tokens or more)",
         "dense_layers": "an integer >= 0",
         "offload": "true or false",
         "host_kv_gib": "a number > 0 (required when offload is true)",
@@ -90,13 +99,19 @@ class SparseServeConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
+        if self.selector not in SELECTORS:
+            self._fail("selector", self.selector)
+        # Null page geometry resolves here, so every reader sees ints (the object is frozen afterwards).
+        if self.page_size is None:
+            object.__setattr__(self, "page_size", DEFAULT_PAGE_SIZE[self.selector])
         p = self.page_size
         if p < 8 or p > 256 or p & (p - 1):
             self._fail("page_size", p)
+        for name in ("sink_pages", "recent_pages"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, 1 if p >= ONE_WINDOW_PAGE_FROM else 2)
         if self.token_budget < p:
             self._fail("token_budget", self.token_budget)
-        if self.selector not in SELECTORS:
-            self._fail("selector", self.selector)
         if self.gqa_reduce is not None and self.gqa_reduce not in GQA_REDUCES:
             self._fail("gqa_reduce", self.gqa_reduce)
         for name in ("sink_pages", "recent_pages", "dense_layers"):
@@ -165,7 +180,8 @@ class SparseServeConfig:
         if block_size is not None and block_size % self.page_size:
             raise SparseServeConfigError(
                 f"sparseserve: page_size ({self.page_size}) must divide vLLM's KV block size ({block_size}); "
-                f"allowed: a power of two <= {block_size} that divides it, or change --block-size"
+                f"allowed: a power of two <= {block_size} that divides it (null means the selector's default: "
+                f"{', '.join(f'{k} {v}' for k, v in DEFAULT_PAGE_SIZE.items())}), or change --block-size"
             )
         if num_layers is not None and self.dense_layers > num_layers:
             raise SparseServeConfigError(

@@ -22,6 +22,22 @@ def test_gqa_reduce_defaults_per_selector_unless_set():
     assert parse(selector="quest", gqa_reduce="max").resolved_gqa_reduce == "max"
 
 
+def test_page_geometry_defaults_per_selector_unless_set():
+    """Null page geometry resolves when the config is built: 64-token pages for quest (32 otherwise); sink and recent
+    windows of 2 pages, 1 page with pages of 64 tokens or more; a value that is set is kept."""
+    geometry = lambda c: (c.page_size, c.sink_pages, c.recent_pages)  # noqa: E731
+    assert geometry(parse()) == (32, 2, 2)
+    assert geometry(parse(selector="mean")) == (32, 2, 2)
+    assert geometry(parse(selector="quest")) == (64, 1, 1)
+    assert geometry(parse(selector="quest", page_size=32)) == (32, 2, 2)
+    assert geometry(parse(page_size=16)) == (16, 2, 2)
+    assert geometry(parse(page_size=128, sink_pages=3)) == (128, 3, 1)
+    assert geometry(parse(selector="quest", recent_pages=0)) == (64, 1, 0)
+    assert parse(selector="quest").num_select_pages == 32
+    with pytest.raises(SparseServeConfigError, match=r"token_budget=32.*>= page_size"):
+        parse(selector="quest", token_budget=32)
+
+
 def test_all_keys_accepted():
     cfg = parse(token_budget=1024, page_size=16, selector="quest", gqa_reduce="max", sink_pages=1, recent_pages=3, dense_layers=2,
                 offload=True, host_kv_gib=8, hbm_cache_gib=2.5, working_set_window=4, batch_control=False,
@@ -82,5 +98,7 @@ def test_geometry_checks():
     cfg.validate_against(block_size=128, num_layers=4)
     with pytest.raises(SparseServeConfigError, match="page_size .*64.* block size .*16"):
         cfg.validate_against(block_size=16)
+    with pytest.raises(SparseServeConfigError, match=r"page_size \(64\) .* block size \(32\).*default: .*quest 64"):
+        parse(selector="quest").validate_against(block_size=32)
     with pytest.raises(SparseServeConfigError, match="dense_layers .*0..4"):
         parse(dense_layers=5).validate_against(block_size=None, num_layers=4)

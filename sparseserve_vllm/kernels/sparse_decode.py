@@ -18,9 +18,9 @@ in fp32 (online softmax), cast to ``out.dtype``; a row with zero valid tokens ge
 
 Triton kernel: one program per (request, KV head, split). The program holds the whole GQA group (G query heads
 padded to ``>= 16`` rows for ``tl.dot``) so that each K/V page is read from HBM once per group; it walks its
-share of the selected pages ``ATTN_LAUNCH["TILE_TOKENS"] // page_size`` pages at a time. With ``num_splits > 1``
-each split writes an fp32 partial output and its log-sum-exp (base 2) to ``workspace``, and a second kernel merges the
-splits. Nothing is allocated and nothing synchronises with the host when ``out`` (and ``workspace`` for
+share of the selected pages ``TILE_TOKENS // page_size`` pages at a time (``attn_launch(page_size)``). With
+``num_splits > 1`` each split writes an fp32 partial output and its log-sum-exp (base 2) to ``workspace``, and a
+second kernel merges the splits. Nothing is allocated and nothing synchronises with the host when ``out`` (and ``workspace`` for
 ``num_splits > 1``) are given. Under ``TRITON_INTERPRET=1`` bf16 ``tl.dot`` operands are widened to fp32 first
 (the Triton 3.6 interpreter multiplies bf16 as raw uint16); bf16 x bf16 products are exact in fp32, so the
 numerics match the compiled bf16 path (probabilities are still rounded to bf16 before the PV product).
@@ -36,9 +36,18 @@ import triton.language as tl
 
 from .pages import resolve_backend, triton_interpreting
 
-# Launch configuration (tuned on H200 by benchmarks/bench_sparse_decode.py --tune).
+# Launch configurations by page size (tuned on the H200 by benchmarks/bench_sparse_decode.py --tune; batch 64 x 32K,
+# budget 2048): pages of up to 32 tokens go 64 tokens a tile; pages of 64 tokens or more 128 tokens a tile with
+# 8 warps (64-token pages: 131 us a step against 160 us at 64 tokens a tile and 4 warps).
 ATTN_LAUNCH = {"TILE_TOKENS": 64, "num_warps": 4, "num_stages": 2}
+ATTN_LAUNCH_LARGE_PAGES = {"TILE_TOKENS": 128, "num_warps": 8, "num_stages": 2}
+LARGE_PAGE_TOKENS = 64
 LOG2E = 1.4426950408889634
+
+
+def attn_launch(page_size: int) -> dict:
+    """The launch configuration (a module dict: the tuner updates it in place) for pages of `page_size` tokens."""
+    return ATTN_LAUNCH_LARGE_PAGES if page_size >= LARGE_PAGE_TOKENS else ATTN_LAUNCH
 
 
 def _validate(q, kv_pages, slots, page_lens, out):
@@ -221,7 +230,8 @@ def sparse_decode_attention(q, kv_pages, slots, page_lens, *, scale, out=None, n
                              f">= {bsz * hq * num_splits} elements (see alloc_split_workspace)")
     else:
         po, plse = out, out
-    pages_per_tile = max(1, ATTN_LAUNCH["TILE_TOKENS"] // page_size)
+    launch = attn_launch(page_size)
+    pages_per_tile = max(1, launch["TILE_TOKENS"] // page_size)
     pages_per_split = triton.cdiv(k, num_splits)
     block_d = triton.next_power_of_2(d)
     _sparse_decode_kernel[(bsz * hkv, num_splits)](
@@ -232,7 +242,7 @@ def sparse_decode_attention(q, kv_pages, slots, page_lens, *, scale, out=None, n
         G=g, D=d, PAGE=page_size, PAGES_PER_TILE=pages_per_tile,
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, SPLIT=split,
         UPCAST_DOT=q.dtype == torch.bfloat16 and triton_interpreting(),
-        num_warps=ATTN_LAUNCH["num_warps"], num_stages=ATTN_LAUNCH["num_stages"],
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     if split:
         _merge_splits_kernel[(bsz * hq,)](

@@ -143,7 +143,7 @@ def test_a_finished_requests_late_report_is_never_credited_to_the_new_owner_of_i
 def test_the_decode_wrapper_combines_a_gqa_group_as_configured(selector, setting, expected):
     rt = SparseRuntime(SparseServeConfig(selector=selector, gqa_reduce=setting, stats_interval_s=0),
                        stub_config("gqa", None))
-    rt.bind_geometry(block_size=32, num_kv_heads=HKV, head_size=D, num_layers=3)
+    rt.bind_geometry(block_size=64, num_kv_heads=HKV, head_size=D, num_layers=3)
     w = rt.make_wrapper(num_qo_heads=2 * HKV, dtype=torch.float32, device=torch.device("cpu"), max_batch=2,
                         max_pages=8)
     assert (w.selector, w.gqa_reduce) == (selector, expected)

@@ -18,6 +18,7 @@ CASES = [
     (2, 6, 3, 96, 16, 2, 7, "quest", torch.float32),          # Hkv and D not powers of two
     (1, 16, 2, 64, 16, 1, 1100, "mean", torch.float32),       # G 8: mass combines 1100 pages in 3 chunks of 512
     (4, 8, 2, 64, 16, 1, 700, "quest", torch.float32),        # a wide table, short requests: blocks without full pages
+    (2, 8, 2, 128, 64, 2, 5, "quest", torch.bfloat16),        # quest's default 64-token pages in 128-token blocks
 ]
 
 
