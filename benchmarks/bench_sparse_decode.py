@@ -3,7 +3,7 @@
 One command does the whole measurement and prints one JSON object (also written to ``--out PATH``):
 
     python benchmarks/bench_sparse_decode.py [--batch 64] [--context 32768] [--budget 2048]
-        [--selector cuboid_mean] [--gqa-reduce sum|max|mass|zmax] [--page-size 32] [--block-size 32] [--iters 100]
+        [--selector cuboid_mean] [--gqa-reduce sum|max|mass|zmax] [--page-size P] [--block-size B] [--iters 100]
         [--out result.json]
 
 Setup (defaults = Llama-3.1-8B attention shape: Hq 32, Hkv 8, D 128, bf16): a random KV cache in the project's

@@ -4,8 +4,8 @@ Runs the built-in SmolLM2-135M-Instruct (transformers, CPU) over pass-key prompt
 every layer, the last token's query attends (a) densely to the whole context and (b) through SparseServe's sparse
 decode path (`SparseDecodeWrapper`, torch backend: page metadata, GQA-aware top-k within the budget, attention
 over the chosen pages), for each selector (at its default page size and windows), budget and GQA reduction (every
-`gqa_reduce`). Reports the
-relative L2 error ||o_sparse - o_dense|| / ||o_dense|| (mean and max over layers and prompts) as JSON.
+`gqa_reduce`). Reports the relative L2 error ||o_sparse - o_dense|| / ||o_dense|| (mean and max over layers and
+prompts) as JSON.
 
     python benchmarks/eval_attention_error.py --out benchmarks/results/attention-error-smollm2.json
 """
@@ -31,7 +31,8 @@ from sparseserve_vllm.models import smollm2_dir  # noqa: E402
 
 SELECTORS = ("cuboid_mean", "quest", "mean")
 # Each selector's page geometry as the plugin resolves it by default: (page_size, sink_pages, recent_pages).
-GEOMETRY = {s: (c.page_size, c.sink_pages, c.recent_pages) for s in SELECTORS for c in [SparseServeConfig(selector=s)]}
+GEOMETRY = {s: (c.page_size, c.sink_pages, c.recent_pages)
+            for s in SELECTORS for c in [SparseServeConfig(selector=s)]}
 
 
 def paged(key, value, page_size=32, block_size=128):
@@ -118,7 +119,8 @@ def main() -> None:
     result = {
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "prompt_tokens": lengths,
         "page_size": {s: g[0] for s, g in GEOMETRY.items()},
-        "sink_recent_pages": {s: g[1:] for s, g in GEOMETRY.items()}, "layers": model.config.num_hidden_layers, "seconds": round(time.time() - t0, 1),
+        "sink_recent_pages": {s: g[1:] for s, g in GEOMETRY.items()}, "layers": model.config.num_hidden_layers,
+        "seconds": round(time.time() - t0, 1),
         "relative_l2_error": {
             f"{sel}@{b}/{reduce}": {"mean": statistics.fmean(v), "max": max(v), "n": len(v),
                                     "default_gqa_reduce": reduce == DEFAULT_GQA_REDUCE[sel]}

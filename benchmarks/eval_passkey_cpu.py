@@ -106,7 +106,8 @@ def main() -> None:
                           "answers": {k: v[-1] for k, v in answers.items()}}), flush=True)
     result = {
         "model": "SmolLM2-135M-Instruct (float32, transformers, CPU)", "placements": args.placements,
-        "prompt_tokens": {"min": min(lengths), "max": max(lengths)}, "page_size": {s: c.page_size for s, c in first.items()},
+        "prompt_tokens": {"min": min(lengths), "max": max(lengths)},
+        "page_size": {s: c.page_size for s, c in first.items()},
         "sink_pages": {s: c.sink_pages for s, c in first.items()},
         "recent_pages": {s: c.recent_pages for s, c in first.items()}, "dense_layers": args.dense_layers,
         "gqa_reduce": {s: c.resolved_gqa_reduce for s, c in first.items()},

@@ -879,7 +879,8 @@ QUEST_PAGE_STEPS = (("quest, page 32,\n64-token tiles", "quest-zmax-p32-b128"),
 def plot_set15(results: Path, tag: str = "h200-2026-11-30") -> None:
     """Eleventh set: quest's page size (pass-key accuracy on CPU, decode step on the H200)."""
     keys = [load(results, f) for _, f in QUEST_PAGE_PASSKEY]
-    keys40 = [load(results, f) for f in ("passkey-smollm2-cpu-quest-40-zmax.json", "passkey-smollm2-cpu-quest-40-page64.json")]
+    keys40 = [load(results, f)
+              for f in ("passkey-smollm2-cpu-quest-40-zmax.json", "passkey-smollm2-cpu-quest-40-page64.json")]
     steps = [load(results, f"sparse-decode-{tag}-b64-ctx32k-{name}.json") for _, name in QUEST_PAGE_STEPS]
     if None in keys or None in keys40 or None in steps:
         return
@@ -905,9 +906,9 @@ def plot_set15(results: Path, tag: str = "h200-2026-11-30") -> None:
                      f"{d['bandwidth_fraction_of_4.8TBps']['wrapper_run']:.0%} HBM",
                      (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax2.set_ylim(0, max(vals) * 1.3)
+    fa3_us = steps[-1]["dense_baselines"]["vllm_fa3"]["us"]
     finish_axis(ax2, [n for n, _ in QUEST_PAGE_STEPS], "us per decode step (batch 64 x 32K, budget 2048, block 128)",
-                f"Decode step; dense vLLM FA3 in the same runs: {steps[-1]['dense_baselines']['vllm_fa3']['us']:.0f} us",
-                fontsize=8)
+                f"Decode step; dense vLLM FA3 in the same runs: {fa3_us:.0f} us", fontsize=8)
     ax2.get_legend().remove()  # one series: the bar labels say it all
     fig.suptitle("Eleventh set, 2026-11-30: quest with 64-token pages (CPU pass key, NVIDIA H200 decode step)",
                  fontsize=10)

@@ -20,10 +20,10 @@ Triton kernel: one program per (request, KV head, split). The program holds the 
 padded to ``>= 16`` rows for ``tl.dot``) so that each K/V page is read from HBM once per group; it walks its
 share of the selected pages ``TILE_TOKENS // page_size`` pages at a time (``attn_launch(page_size)``). With
 ``num_splits > 1`` each split writes an fp32 partial output and its log-sum-exp (base 2) to ``workspace``, and a
-second kernel merges the splits. Nothing is allocated and nothing synchronises with the host when ``out`` (and ``workspace`` for
-``num_splits > 1``) are given. Under ``TRITON_INTERPRET=1`` bf16 ``tl.dot`` operands are widened to fp32 first
-(the Triton 3.6 interpreter multiplies bf16 as raw uint16); bf16 x bf16 products are exact in fp32, so the
-numerics match the compiled bf16 path (probabilities are still rounded to bf16 before the PV product).
+second kernel merges the splits. Nothing is allocated and nothing synchronises with the host when ``out`` (and
+``workspace`` for ``num_splits > 1``) are given. Under ``TRITON_INTERPRET=1`` bf16 ``tl.dot`` operands are widened
+to fp32 first (the Triton 3.6 interpreter multiplies bf16 as raw uint16); bf16 x bf16 products are exact in fp32,
+so the numerics match the compiled bf16 path (probabilities are still rounded to bf16 before the PV product).
 """
 
 from __future__ import annotations
