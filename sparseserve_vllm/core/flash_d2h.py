@@ -6,8 +6,9 @@ Contract:
   `device`: where the new KV lives (default: the current CUDA device when the store is pinned, else the CPU).
   `mode`: "uva" (the default on a CUDA device, which it needs) or "staged" (the default and only mode on the CPU).
   `max_tokens`: the most tokens staged as one part (a larger save is cut into parts). `staging_tokens`
-  (>= max_tokens): the staging ring's rows. `num_threads`: staged mode's scatter threads; `num_sms`: uva mode's scatter programs (the SMs it may take from compute; 8
-  move as many GB/s as 16 and slow a layer-segmented prefill less: benchmarks/results/README.md, 13b);
+  (>= max_tokens): the staging ring's rows. `num_threads`: staged mode's scatter threads; `num_sms`: uva mode's
+  scatter programs (the SMs it may take from compute; 8 move as many GB/s as 16 and slow a layer-segmented prefill
+  less: benchmarks/results/README.md, 13b);
   `tile_bytes`: uva mode's bytes per scatter tile (`kernels.FlashD2HScatter`); `min_copy_bytes` (default 512 KiB):
   `save_blocks`' shortest run of blocks moved by one copy (shorter runs would be host-bound below the scatter
   kernel's rate).
